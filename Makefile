@@ -1,0 +1,26 @@
+# make run   - every notebook on the tiny profile (batch runner), then the summary
+# make test  - unit + property tests, then every notebook via nbmake
+# make lab   - JupyterLab on the notebooks
+# Each bootstraps .venv first (env/setup.sh) when it is missing or requirements.txt changed.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PROFILE ?= tiny
+export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
+export TOKENIZERS_PARALLELISM := false
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: venv run test lab clean
+venv:
+	@bash env/setup.sh
+
+run: venv
+	$(PY) -m knowlm_nb.batch --profile $(PROFILE)
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1800 notebooks tests
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf runs

@@ -1,0 +1,73 @@
+"""The notebooks themselves: structure, parameters, and what they recorded."""
+import ast
+import json
+import math
+import shutil
+import subprocess
+
+import nbformat
+import papermill
+import pytest
+
+from knowlm_nb import ROOT, batch, config
+
+NOTEBOOKS = batch.discover()
+
+
+def test_every_committed_notebook_is_run_by_the_tests():
+    if not shutil.which("git") or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "*.ipynb"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    # `make test` runs nbmake on notebooks/, which is exactly batch.discover()
+    assert sorted(tracked) == sorted(str(p.relative_to(ROOT)) for p in NOTEBOOKS)
+    assert NOTEBOOKS, "no notebooks found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_clean_with_kernelspec_and_parameters(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code_cells[0].metadata.get("tags", []), "first code cell must be 'parameters'"
+    for cell in code_cells:
+        assert cell.outputs == [] and cell.execution_count is None, "commit notebooks without outputs"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_parameters_cell_matches_schema_and_tiny_profile(path):
+    nb_id = path.name[:2]
+    declared = papermill.inspect_notebook(str(path))
+    assert sorted(declared) == sorted(config.valid_keys(nb_id))
+    tiny = config.notebook_params("tiny", nb_id)
+    for name, info in declared.items():
+        default = ast.literal_eval(info["default"])
+        assert default == tiny[name], f"{name}: cell has {default!r}, tiny profile {tiny[name]!r}"
+    source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
+    assert f'config.resolve("{nb_id}", locals())' in source
+    assert "report.record(" in source
+
+
+# ------------------------------------------------- figures the notebooks record
+
+def recorded(nb_id: str) -> dict:
+    """Figures from the tiny run of a notebook (nbmake ran it first in `make test`).
+
+    If they are missing or older than the notebook, run it now with papermill.
+    """
+    path = next(p for p in NOTEBOOKS if p.name.startswith(nb_id))
+    metrics = ROOT / "runs" / "tiny" / "metrics" / f"{nb_id}.json"
+    if not metrics.is_file() or metrics.stat().st_mtime < path.stat().st_mtime:
+        jobs, workdir = batch.plan("tiny", only=[nb_id])
+        assert batch.run(jobs, workdir, "tiny", progress=False)[0].status == "ok"
+    return json.loads(metrics.read_text())
+
+
+def test_00_recorded_figures():
+    f = recorded("00")
+    assert f["vocab_size"] == 2000
+    assert 1_000_000 < f["parameters"] < 10_000_000
+    assert abs(f["untrained_loss"] - math.log(f["vocab_size"])) < 0.5
+    assert f["tokens_per_char_zh_english_centric"] > 1.3 * f["tokens_per_char_zh"]
+    assert f["tokens_per_char_en"] < f["tokens_per_char_zh"]
