@@ -100,6 +100,8 @@ def plan(profile: str, only: list[str] | None = None, overrides: list[tuple[str,
         raise BatchError(f"no notebooks to run in {notebooks_dir}")
 
     overrides = list(overrides)
+    if any(name == "profile" for name, _ in overrides):
+        raise BatchError("choose the profile with --profile NAME, not -p profile")
     workdir_raw = next((v for k, v in reversed(overrides) if k == "workdir"), base.get("workdir", ""))
     workdir = config.workdir_for(base["profile"], workdir_raw)
 

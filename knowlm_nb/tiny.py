@@ -65,8 +65,12 @@ def iter_texts(files: Iterable[Path], langs: Iterable[str] | None = None) -> Ite
     """The ``text`` field of every JSONL record (optionally only some ``lang``)."""
     keep = set(langs) if langs else None
     for path in files:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ZooError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason})") from None
                 if not line.strip():
                     continue
                 try:

@@ -53,6 +53,7 @@ def test_unknown_parameter_fails_before_anything_runs(tmp_path, capsys):
     (["--only", "x1"], "two-digit"),
     (["-p", "vocab_size", "many"], "'vocab_size' must be int"),
     (["-p", "vocab_size", "[1, 2"], "not a valid value"),
+    (["-p", "profile", "gpu"], "--profile NAME"),
 ])
 def test_bad_arguments_are_named(argv, fragment, capsys, tmp_path):
     assert batch.main(argv + ["-p", "workdir", str(tmp_path / "w"), "--no-progress"]) == 2
