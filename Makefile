@@ -1,5 +1,5 @@
 # make run   - every notebook on the tiny profile (batch runner), then the summary
-# make test  - unit + property tests, then every notebook via nbmake
+# make test  - every notebook via nbmake, then the unit and bad-input tests
 # make lab   - JupyterLab on the notebooks
 # Each bootstraps .venv first (env/setup.sh) when it is missing or requirements.txt changed.
 VENV    := .venv
