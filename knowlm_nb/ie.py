@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import ROOT
+from .tiny import ZooError, iter_jsonl
 
 ENTITY_TYPES = ["person", "location", "organization", "time", "product"]
 RELATIONS = ["born_in", "works_for", "founded_by", "located_in", "capital_of", "member_of",
@@ -159,15 +160,7 @@ def split_heldout(records: list[dict], other_texts: list[str], eval_share: float
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise IEDataError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-    return out
+    return [rec for _, rec in iter_jsonl(path)]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -205,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.parse_args(argv)
     try:
         files = build_samples()
-    except (IEDataError, OSError) as exc:
+    except (IEDataError, ZooError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for rel, rows in files.items():

@@ -61,27 +61,35 @@ def corpus_files(pattern: str) -> list[Path]:
     return files
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` for every non-blank line of a JSONL file.
+
+    Invalid UTF-8 or JSON is a :class:`ZooError` naming ``file:line``.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ZooError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ZooError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+
+
 def iter_texts(files: Iterable[Path], langs: Iterable[str] | None = None) -> Iterator[str]:
     """The ``text`` field of every JSONL record (optionally only some ``lang``)."""
     keep = set(langs) if langs else None
     for path in files:
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise ZooError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason})") from None
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ZooError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-                text = rec.get("text") if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    raise ZooError(f"{path}:{lineno}: no string 'text' field")
-                if keep is None or rec.get("lang") in keep:
-                    yield text
+        for lineno, rec in iter_jsonl(path):
+            text = rec.get("text") if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise ZooError(f"{path}:{lineno}: no string 'text' field")
+            if keep is None or rec.get("lang") in keep:
+                yield text
 
 
 def sha256_files(files: Iterable[Path]) -> str:
