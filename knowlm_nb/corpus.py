@@ -189,7 +189,7 @@ def scan(inputs) -> list[dict]:
 # ----------------------------------------------------------------- cleaning
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
-_CONTROL_TEXT = re.compile(r"[\x00-\x08\x09\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
+_CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
 
 
 @dataclass
@@ -206,7 +206,7 @@ def normalize(text: str, lang: str) -> str:
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     if lang == "code":
         return _CONTROL.sub("", text).strip("\n")
-    text = _CONTROL_TEXT.sub(" ", text)
+    text = _CONTROL_TEXT.sub("", text).replace("\t", " ")
     text = re.sub(r"[ \u3000]+\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
@@ -313,22 +313,21 @@ def split_en(text: str) -> list[str]:
         if _pysbd is None:
             import pysbd
             _pysbd = pysbd.Segmenter(language="en", clean=False)
-        starts = []
+        ends = []
         for w0 in range(0, len(para), _PYSBD_WINDOW):      # windows keep hostile lines linear
             window = para[w0:w0 + _PYSBD_WINDOW]
             pos = 0
             for seg in _pysbd.segment(window):
                 seg = seg.strip()
-                if not seg:
+                at = window.find(seg, pos) if seg else -1
+                if at < 0:          # pysbd changed the text: no boundary here
                     continue
-                at = window.find(seg, pos)
-                if at < 0:          # pysbd changed the text: keep what we have
-                    continue
-                starts.append(w0 + at)
                 pos = at + len(seg)
-        bounds = sorted(set([0] + [s for s in starts if s > 0]))
-        # whitespace before a sentence belongs to it, except the paragraph's own start
-        out.extend(para[a:b] for a, b in zip(bounds, bounds[1:] + [len(para)]))
+                ends.append(w0 + pos)
+        # a sentence ends after its last visible character; the space that
+        # follows starts the next one, trailing line breaks stay with the last
+        bounds = sorted({e for e in ends if para[e:].strip()})
+        out.extend(para[a:b] for a, b in zip([0] + bounds, bounds + [len(para)]))
     return [s for s in out if s]
 
 

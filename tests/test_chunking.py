@@ -1,0 +1,149 @@
+"""Greedy packing: hypothesis properties, minimality against a brute force, knowlm mode."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from knowlm_nb import chunking
+
+BOS, EOS = 1, 2
+
+
+class FakeTokenizer:
+    bos_token_id, eos_token_id = BOS, EOS
+
+
+def doc_sentences(lengths):
+    """Sentences of distinct ids (>= 10) so their order is checkable."""
+    out, nxt = [], 10
+    for n in lengths:
+        out.append(list(range(nxt, nxt + n)))
+        nxt += n
+    return out
+
+
+def min_samples_brute_force(lengths, capacity):
+    """Fewest order-preserving samples: cuts at sentence ends, or anywhere inside a
+    sentence longer than ``capacity``; dynamic programming over token offsets."""
+    total = sum(lengths)
+    allowed = {0, total}
+    pos = 0
+    for n in lengths:
+        if n > capacity:
+            allowed.update(range(pos, pos + n))
+        pos += n
+        allowed.add(pos)
+    allowed = sorted(allowed)
+    best = {0: 0}
+    for p in allowed[1:]:
+        cands = [best[q] + 1 for q in best if 0 < p - q <= capacity]
+        best[p] = min(cands) if cands else 10**9
+    return best[total]
+
+
+documents = st.lists(st.integers(min_value=1, max_value=40), min_size=0, max_size=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=documents, max_len=st.integers(min_value=3, max_value=48))
+def test_greedy_properties(lengths, max_len):
+    sentences = doc_sentences(lengths)
+    chunker = chunking.Chunker(FakeTokenizer(), max_len)
+    samples, stats = chunker.pack(sentences)
+    # 1. every sample fits
+    assert all(len(s) <= max_len for s in samples)
+    if not lengths:
+        assert samples == []
+        return
+    # 2. specials removed, the samples concatenate to exactly the sentences
+    assert all(s[0] == BOS for s in samples) and samples[-1][-1] == EOS
+    content = [t for s in samples for t in s[1:].tolist()]
+    assert content[-1] == EOS and EOS not in content[:-1]
+    assert content[:-1] == [t for s in sentences for t in s]
+    assert stats.duplicated_tokens == 0 and stats.tokens == sum(len(s) for s in samples)
+    # 3. a cut falls inside a sentence only when that sentence alone is too long
+    capacity = max_len - 1
+    starts, pos = {}, 0
+    for n in lengths:
+        starts[pos] = n
+        pos += n
+    starts[pos] = 1                                # the closing </s>
+    cut, inside_ok = 0, set()
+    pos = 0
+    for n in lengths:
+        if n > capacity:
+            inside_ok.update(range(pos + 1, pos + n))
+        pos += n
+    for s in samples[:-1]:
+        cut += len(s) - 1
+        assert cut in starts or cut in inside_ok, f"cut at {cut} splits a short sentence"
+    # 4. minimal count (EOS packed as a final one-token item)
+    assert len(samples) == min_samples_brute_force(lengths + [1], capacity)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=documents, max_len=st.integers(min_value=3, max_value=48),
+       min_len=st.integers(min_value=0, max_value=48))
+def test_min_len_drop_is_explicit_and_counted(lengths, max_len, min_len):
+    min_len = min(min_len, max_len)
+    chunker = chunking.Chunker(FakeTokenizer(), max_len, min_len=min_len)
+    samples, stats = chunker.pack(doc_sentences(lengths))
+    everything, _ = chunking.Chunker(FakeTokenizer(), max_len).pack(doc_sentences(lengths))
+    assert all(len(s) >= min_len for s in samples)
+    assert stats.samples + stats.dropped_samples == len(everything)
+    assert stats.tokens + stats.dropped_tokens == sum(len(s) for s in everything)
+
+
+def test_greedy_cuts_worked_example():
+    # capacity 10: [4, 5] fit together, 3 opens a new sample, 25 fills it up and
+    # continues in full pieces, 2 joins the last piece
+    assert chunking.greedy_cuts([4, 5, 3, 25, 2], 10) == [9, 19, 29, 39]
+
+
+def test_knowlm_spans_reproduce_the_original_overlap():
+    # the example in KnowLM's preprocess.py docstring
+    lengths = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1100, 1200]
+    spans = chunking.knowlm_spans(lengths, 1024)
+    assert spans[:3] == [(0, 4), (3, 5), (5, 6)]   # sample 2 re-uses sentence 3
+    assert sum(b - a for a, b in spans) > len(lengths)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=25),
+       max_len=st.integers(min_value=3, max_value=48))
+def test_knowlm_mode_covers_everything_but_duplicates(lengths, max_len):
+    sentences = doc_sentences(lengths)
+    samples, stats = chunking.Chunker(FakeTokenizer(), max_len, mode="knowlm").pack(sentences)
+    assert all(len(s) <= max_len for s in samples)
+    flat = [t for s in sentences for t in s]
+    seen = {t for s in samples for t in s.tolist()}
+    assert set(flat) <= seen                       # nothing lost ...
+    total = len(flat) + 2                          # ... BOS and EOS once each
+    assert stats.duplicated_tokens == sum(len(s) for s in samples) - total
+
+
+def test_knowlm_mode_duplicates_on_a_simple_document():
+    # units <s>+4, 4, 4+</s>: the second sample reaches back over the middle sentence
+    samples, stats = chunking.Chunker(FakeTokenizer(), 10, mode="knowlm").pack(
+        doc_sentences([4, 4, 4]))
+    assert [len(s) for s in samples] == [9, 9] and stats.duplicated_tokens == 4
+    greedy, gstats = chunking.Chunker(FakeTokenizer(), 10).pack(doc_sentences([4, 4, 4]))
+    assert [len(s) for s in greedy] == [9, 6] and gstats.duplicated_tokens == 0
+
+
+@pytest.mark.parametrize("max_len", [0, 1, 2, -5, 2.5, "256", True])
+def test_max_len_too_small_or_wrong_type(max_len):
+    with pytest.raises(chunking.ChunkError, match="max_len"):
+        chunking.Chunker(FakeTokenizer(), max_len)
+
+
+def test_bad_mode_and_min_len():
+    with pytest.raises(chunking.ChunkError, match="mode"):
+        chunking.Chunker(FakeTokenizer(), 16, mode="overlap")
+    with pytest.raises(chunking.ChunkError, match="min_len"):
+        chunking.Chunker(FakeTokenizer(), 16, min_len=17)
+
+
+def test_pieces_cut_long_strings_at_spaces_and_lose_nothing():
+    text = ("word " * 3000) + "x" * 9000
+    pieces = chunking._pieces(text, 4096)
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 4096
+    assert pieces[0].endswith("word") or pieces[0].endswith(" ")
