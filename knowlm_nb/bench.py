@@ -19,10 +19,109 @@ BENCH_DIR = ROOT / "runs" / "bench"
 
 
 def bench_chunking(argv: list[str]) -> dict:
-    """Chunker throughput vs the raw tokenizer, greedy vs knowlm, RSS, mmap reads."""
-    from .chunking import bench_main
+    """01: chunker vs raw tokenizer, greedy vs knowlm, peak RSS at x1 / x10, mmap reads.
 
-    return bench_main(argv)
+    ``--max-len N`` (default 256), ``--repeats R`` (default 3, best of R).
+    """
+    import argparse
+    import os
+    import random
+    import subprocess
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from . import chunking, config, corpus, indexed_dataset, tiny
+
+    ap = argparse.ArgumentParser(prog="python -m knowlm_nb.bench chunking")
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-chunking-"))
+    tok_dir = ROOT / "runs" / "tiny" / config.ARTIFACTS["00"]["tokenizer"]
+    if not (tok_dir / "tokenizer.json").is_file():
+        tok_dir = tmp / "tokenizer"
+        files = tiny.corpus_files("data_samples/corpus/*.jsonl")
+        tiny.train_tokenizer(tiny.iter_texts(files)).save_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+
+    # the same cleaned text for both: documents, and their sentences
+    docs = [d for d in corpus.iter_documents(corpus.input_files(["data_samples/corpus/*.jsonl"]))]
+    texts = [corpus.normalize(d.text, d.lang) for d in docs]
+    t = time.perf_counter()
+    sentences = [corpus.split_sentences(x, d.lang) for x, d in zip(texts, docs)]
+    split_s = time.perf_counter() - t
+    batches = [(texts[i:i + 32], sentences[i:i + 32]) for i in range(0, len(texts), 32)]
+
+    def timed(fn):
+        best = float("inf")
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    n_tokens = sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])
+    # the raw batch tokenizer: the same Rust call the chunker makes, on whole documents
+    backend = tok.backend_tokenizer
+    raw_s = timed(lambda: [backend.encode_batch_fast(b, add_special_tokens=False)
+                           for b, _ in batches])
+    hf_s = timed(lambda: [tok(b, add_special_tokens=False) for b, _ in batches])
+    chunkers = {m: chunking.Chunker(tok, args.max_len, mode=m) for m in chunking.MODES}
+    mode_s = {m: timed(lambda c=c: [c.chunk(s) for _, s in batches]) for m, c in chunkers.items()}
+    per_mode = {}
+    for m, c in chunkers.items():
+        c.stats = chunking.ChunkStats()
+        for _, s in batches:
+            c.chunk(s)
+        per_mode[m] = c.stats.summary(args.max_len)
+
+    # peak RSS of a whole prepare run (one process) on the corpus repeated x1 and x10
+    rss = {}
+    for times in (1, 10):
+        folder = tmp / f"x{times}"
+        folder.mkdir()
+        for path in sorted((ROOT / "data_samples" / "corpus").glob("*.jsonl")):
+            data = path.read_bytes()
+            (folder / path.name).write_bytes(data * times)
+        code = ("import json, resource, sys; from knowlm_nb import corpus; "
+                "s = corpus.prepare([sys.argv[1]], sys.argv[2], int(sys.argv[3]), sys.argv[4], "
+                "progress=False, dedup=False, weights='natural'); "
+                "print(json.dumps({'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+                "'seconds': s['seconds'], 'tokens': s['tokens'], 'samples': s['samples']}))")
+        out = subprocess.run([sys.executable, "-c", code, str(folder / "*.jsonl"), str(tok_dir),
+                              str(args.max_len), str(tmp / f"out{times}")],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        rss[times] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    ds = indexed_dataset.IndexedDataset(tmp / "out10")
+    rng = random.Random(0)
+    picks = [rng.randrange(len(ds)) for _ in range(200_000)]
+    t = time.perf_counter()
+    for i in picks:
+        ds[i]
+    reads_per_s = len(picks) / (time.perf_counter() - t)
+
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "max_len": args.max_len,
+        "documents": len(texts),
+        "tokens": n_tokens,
+        "raw_tokenizer_tokens_per_s": round(n_tokens / raw_s),
+        "hf_tokenizer_call_tokens_per_s": round(n_tokens / hf_s),
+        "chunker_tokens_per_s": round(n_tokens / mode_s["greedy"]),
+        "chunker_vs_tokenizer": round(raw_s / mode_s["greedy"], 3),          # target >= 0.8
+        "greedy_vs_knowlm_speed": round(mode_s["knowlm"] / mode_s["greedy"], 3),
+        "sentence_split_tokens_per_s": round(n_tokens / split_s),
+        "greedy": per_mode["greedy"],
+        "knowlm": per_mode["knowlm"],
+        "prepare_x1": rss[1],
+        "prepare_x10": rss[10],
+        "peak_rss_growth_mb": round(rss[10]["rss_mb"] - rss[1]["rss_mb"], 1),  # target < 100
+        "mmap_random_reads_per_s": round(reads_per_s),                       # target >= 100k
+    }
 
 
 BENCHES = {

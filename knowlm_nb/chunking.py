@@ -24,6 +24,7 @@ algorithms, on lengths only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -145,6 +146,7 @@ class Chunker:
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         if self.bos is None or self.eos is None:
             raise ChunkError("the tokenizer needs a BOS and an EOS token")
+        self._backend = None          # the Rust tokenizer, made on first use
         self.stats = ChunkStats()
 
     # -- tokenization ---------------------------------------------------------
@@ -172,10 +174,11 @@ class Chunker:
             units_per_doc.append(u)
         out = [[[] for _ in range(n)] for n in units_per_doc]
         if flat:
-            ids = self.tokenizer(flat, add_special_tokens=False,
-                                 split_special_tokens=True)["input_ids"]  # text "</s>" stays text
-            for (d, u), toks in zip(owner, ids):
-                out[d][u].extend(toks)
+            if self._backend is None:
+                self._backend = _raw_backend(self.tokenizer)
+            for (d, u), enc in zip(owner, self._backend.encode_batch_fast(
+                    flat, add_special_tokens=False)):
+                out[d][u].extend(enc.ids)
         return [[u for u in doc if u] for doc in out]
 
     # -- packing --------------------------------------------------------------
@@ -204,8 +207,7 @@ class Chunker:
     def _pack_greedy(self, sentences, lengths, st):
         capacity = self.max_len - 1                       # <s> opens every sample
         st.long_sentences = sum(n > capacity for n in lengths)
-        flat = np.fromiter((t for s in sentences for t in s), dtype=np.int64,
-                           count=sum(lengths))
+        flat = np.fromiter(chain.from_iterable(sentences), dtype=np.int64, count=sum(lengths))
         flat = np.append(flat, self.eos)                  # </s> closes the document
         cuts = greedy_cuts(lengths + [1], capacity)
         samples, start = [], 0
@@ -241,6 +243,19 @@ class Chunker:
             self.stats.add(st)
             out.append(samples)
         return out
+
+
+def _raw_backend(tokenizer):
+    """The Rust tokenizer behind a HF fast tokenizer, copied so that text such as
+    ``"</s>"`` is encoded as text, never as the special token."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ChunkError("a Hugging Face *fast* tokenizer (tokenizer.json) is needed")
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.encode_special_tokens = True
+    return backend
 
 
 def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:

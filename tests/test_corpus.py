@@ -98,14 +98,17 @@ def test_one_megabyte_line_without_punctuation_is_split_in_linear_time(tokenizer
 
     chunker = chunking.Chunker(AutoTokenizer.from_pretrained(tokenizer_dir), 256)
 
-    def cost(n):
+    def cost(n, repeats):      # best of a few runs: the machine is shared
         text = "abcdefghij" * (n // 10)
-        t = time.perf_counter()
-        (samples,) = chunker.chunk([corpus.split_sentences(text, "en")])
-        return time.perf_counter() - t, samples
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            (samples,) = chunker.chunk([corpus.split_sentences(text, "en")])
+            best = min(best, time.perf_counter() - t)
+        return best, samples
 
-    small, _ = cost(250_000)
-    big, samples = cost(1_000_000)
+    small, _ = cost(250_000, 3)
+    big, samples = cost(1_000_000, 2)
     assert all(len(s) <= 256 for s in samples) and len(samples) > 100
     # 4x the input: linear costs ~4x, quadratic ~16x (a ratio measured side by side)
     assert big / small < 8, (small, big)
