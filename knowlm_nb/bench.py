@@ -46,10 +46,10 @@ def bench_chunking(argv: list[str]) -> dict:
     tok = AutoTokenizer.from_pretrained(tok_dir)
 
     # the same cleaned text for both: documents, and their sentences
-    docs = [d for d in corpus.iter_documents(corpus.input_files(["data_samples/corpus/*.jsonl"]))]
-    texts = [corpus.normalize(d.text, d.lang) for d in docs]
+    docs = [d for d, _ in corpus.cleaned_sentences(["data_samples/corpus/*.jsonl"])]
+    texts = [d.text for d in docs]
     t = time.perf_counter()
-    sentences = [corpus.split_sentences(x, d.lang) for x, d in zip(texts, docs)]
+    sentences = [corpus.split_sentences(d.text, d.lang) for d in docs]
     split_s = time.perf_counter() - t
     batches = [(texts[i:i + 32], sentences[i:i + 32]) for i in range(0, len(texts), 32)]
 

@@ -245,6 +245,21 @@ class Chunker:
         return out
 
 
+def compare_modes(tokenizer, docs: list[list[str]], max_len: int) -> list[dict]:
+    """Greedy vs knowlm on the same documents: samples, tokens, duplicated tokens, fill."""
+    rows = []
+    for mode in MODES:
+        chunker = Chunker(tokenizer, max_len, mode=mode)
+        chunker.chunk(docs)
+        s = chunker.stats.summary(max_len)
+        rows.append({"mode": mode, "samples": s["samples"], "tokens": s["tokens"],
+                     "content_tokens": s["content_tokens"],
+                     "duplicated_tokens": s["duplicated_tokens"],
+                     "duplicated_share": round(s["duplicated_tokens"] / s["tokens"], 4),
+                     "mean_fill": s["mean_fill"]})
+    return rows
+
+
 def _raw_backend(tokenizer):
     """The Rust tokenizer behind a HF fast tokenizer, copied so that text such as
     ``"</s>"`` is encoded as text, never as the special token."""

@@ -364,6 +364,19 @@ def split_sentences(text: str, lang: str) -> list[str]:
     return split_en(text)
 
 
+def cleaned_sentences(inputs, dedup: bool = True) -> Iterator[tuple[Document, list[str]]]:
+    """In one process: every document that survives cleaning and dedup, with its
+    sentences (what :func:`prepare` packs; for looking and comparing)."""
+    deduper = Deduper() if dedup else None
+    for doc in iter_documents(input_files(inputs)):
+        text = normalize(doc.text, doc.lang)
+        if quality_reason(text, doc.lang):
+            continue
+        if deduper is not None and deduper.check(exact_key(text), minhash_values(text)):
+            continue
+        yield Document(text, doc.lang, doc.source, doc.where), split_sentences(text, doc.lang)
+
+
 # ------------------------------------------------------- per-document worker
 
 _worker: dict = {}

@@ -71,3 +71,14 @@ def test_00_recorded_figures():
     assert abs(f["untrained_loss"] - math.log(f["vocab_size"])) < 0.5
     assert f["tokens_per_char_zh_english_centric"] > 1.3 * f["tokens_per_char_zh"]
     assert f["tokens_per_char_en"] < f["tokens_per_char_zh"]
+
+
+def test_01_recorded_figures():
+    f = recorded("01")
+    assert f["documents_in"] == f["documents_out"] == 500       # the sample corpus is clean
+    assert f["hostile_dropped"] == 8                            # one of each problem, all caught
+    assert f["max_sample_len"] <= 256 and f["samples"] > 500
+    assert f["lost_tokens"] == 0 and f["greedy_duplicated_tokens"] == 0
+    assert f["knowlm_duplicated_share"] > 0.05                  # the original's overlap, measured
+    assert all(f[f"share_error_{g}"] < 0.01 for g in ("zh", "en", "code"))
+    assert f["megatron_reads"] is True
