@@ -63,6 +63,20 @@ class C:
 '''
 
 
+CODE_CASES = [
+    ("function a() {\n  return 1;\n}\nfunction b() {}\n",
+     ["function a() {\n  return 1;\n}\n", "function b() {}\n"]),
+    ("def f():\n    x = 1\n\n    return x\n", ["def f():\n    x = 1\n\n", "    return x\n"]),
+    ("x = 1  # no newline at the end", ["x = 1  # no newline at the end"]),
+    ("#include <stdio.h>\nint main(void) {\n\treturn 0;\n}", ["#include <stdio.h>\nint main(void) {\n\treturn 0;\n}"]),
+]
+
+
+@pytest.mark.parametrize("text,expected", CODE_CASES)
+def test_split_code_table(text, expected):
+    assert corpus.split_code(text) == expected
+
+
 @pytest.mark.parametrize("text,expected", ZH_CASES)
 def test_split_zh(text, expected):
     assert corpus.split_zh(text) == expected
