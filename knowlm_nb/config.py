@@ -65,17 +65,25 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
     "02": {
         "base_model": str,
         "dataset_prefix": str,
-        "deepspeed_config": str,
+        "deepspeed_config": str,      # "" = plain Trainer, no DeepSpeed
+        "launcher": str,              # deepspeed | torchrun
         "num_nodes": int,
-        "num_gpus": int,
-        "hostfile": str,
+        "num_gpus": int,              # processes per node (gloo ranks on CPU)
+        "hostfile": str,              # "" = this machine only
         "micro_batch": int,
         "grad_accum": int,
         "seq_len": int,
         "max_steps": int,
         "learning_rate": float,
         "warmup_steps": int,
-        "precision": str,
+        "lr_scheduler": str,
+        "weight_decay": float,
+        "adam_beta1": float,
+        "adam_beta2": float,
+        "precision": str,             # fp32 | fp16 | bf16
+        "gradient_checkpointing": bool,
+        "save_steps": int,
+        "stop_at_step": int,          # the notebook stops the run here, then resumes it
     },
     "03": {
         "base_model": str,
