@@ -87,6 +87,8 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
     },
     "03": {
         "base_model": str,
+        "prompt_template": str,
+        "mix_total": int,
         "lora_r": int,
         "lora_alpha": int,
         "lora_dropout": float,
@@ -94,11 +96,13 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
         "learning_rate": float,
         "epochs": float,
         "max_steps": int,
+        "warmup_steps": int,
         "cutoff_len": int,
         "micro_batch": int,
         "grad_accum": int,
         "load_in_8bit": bool,
         "train_on_inputs": bool,
+        "max_new_tokens": int,
     },
     "04": {
         "base_model": str,

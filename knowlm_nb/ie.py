@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -159,6 +160,147 @@ def split_heldout(records: list[dict], other_texts: list[str], eval_share: float
         candidates = [r for r in candidates if r["id"] not in ids]
 
 
+# ------------------------------------------------------- fresh-name copies
+
+def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES) -> dict:
+    """A copy of ``rec`` with every entity of ``types`` renamed, consistently.
+
+    Each entity string gets a freshly invented one of the same type and
+    language (``maker`` is a :class:`knowlm_nb.tiny.NameMaker`), everywhere:
+    text, entities, relation heads and tails, event arguments. Training on
+    such copies teaches the model to *copy* names from the input, because no
+    name repeats often enough to be memorised. Triggers and other arguments
+    (prices, numbers) are kept.
+    """
+    check_record(rec)
+    lang = rec["lang"]
+    mapping: dict[str, str] = {}
+    for ent in rec.get("entities", []):
+        if ent["type"] in types and ent["text"] not in mapping:
+            mapping[ent["text"]] = maker.make(ent["type"], lang)
+    if not mapping:
+        return dict(rec)
+    # replace longest first through placeholders, so "Harrowgate" inside
+    # "Harrowgate Institute" is not renamed twice
+    order = sorted(mapping, key=len, reverse=True)
+    text = rec["text"]
+    for i, old in enumerate(order):
+        text = text.replace(old, f"\x00{i}\x00")
+    for i, old in enumerate(order):
+        text = text.replace(f"\x00{i}\x00", mapping[old])
+
+    def rename(span: str) -> str:
+        return mapping.get(span, span)
+
+    out = dict(rec, text=text,
+               entities=[dict(e, text=rename(e["text"])) for e in rec.get("entities", [])],
+               relations=[dict(r, head=rename(r["head"]), tail=rename(r["tail"]))
+                          for r in rec.get("relations", [])],
+               events=[dict(ev, arguments=[dict(a, text=rename(a["text"])) for a in ev["arguments"]])
+                       for ev in rec.get("events", [])])
+    try:
+        check_record(out)  # a renamed span may have vanished inside another one
+    except IEDataError:
+        return dict(rec)
+    return out
+
+
+# ------------------------------------------------------- parsing and scoring
+
+_TYPE_OF_LABEL = {**{t: t for t in ENTITY_TYPES},
+                  **{ZH_LABELS[t]: t for t in ENTITY_TYPES}}
+_PAIR = re.compile(r"\(\s*([^,()]+?)\s*,\s*([^()]+?)\s*\)")
+
+
+def parse_ner(output: str) -> tuple[list[tuple[str, str]], bool]:
+    """``"(person, Marta Velling), (location, Port Elsin)"`` -> pairs, well_formed.
+
+    Chinese labels map back to the English types. ``NONE`` / ``无`` is an
+    empty, well-formed answer. Anything left over, or an unknown type, makes
+    the answer not well-formed; the pairs that do parse are still returned.
+    """
+    text = output.strip()
+    if text in NONE.values():
+        return [], True
+    pairs, rest, ok = [], _PAIR.sub("", text), True
+    for label_, entity in _PAIR.findall(text):
+        kind = _TYPE_OF_LABEL.get(label_.strip())
+        if kind is None:
+            ok = False
+            continue
+        pairs.append((kind, entity.strip()))
+    if rest.replace(",", "").replace("，", "").strip() or not pairs:
+        ok = False
+    return pairs, ok
+
+
+def gold_pairs(example: dict) -> list[tuple[str, str]]:
+    """The (type, entity) pairs of an NER example's ``gold``."""
+    return [(g["type"], g["text"]) for g in example["gold"]]
+
+
+def _units(text: str) -> list[str]:
+    """Words for English, characters for Chinese (for partial-match overlap)."""
+    if re.search(r"[\u4e00-\u9fff]", text):
+        return [c for c in text if not c.isspace()]
+    return text.lower().split()
+
+
+def _overlap_f1(a: str, b: str) -> float:
+    from collections import Counter
+
+    ua, ub = Counter(_units(a)), Counter(_units(b))
+    common = sum((ua & ub).values())
+    if not common:
+        return 0.0
+    p, r = common / sum(ua.values()), common / sum(ub.values())
+    return 2 * p * r / (p + r)
+
+
+def _prf(tp: float, n_pred: int, n_gold: int) -> dict:
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_gold if n_gold else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def score_ner(predictions: list[str], examples: list[dict]) -> dict:
+    """Micro scores of NER outputs against the examples' gold pairs.
+
+    * ``exact``: a predicted (type, entity) counts when the same pair is gold
+      (multisets per example, micro-averaged);
+    * ``partial``: each prediction earns the best token-overlap F1 with a
+      not-yet-matched gold entity of its type;
+    * ``type``: the multisets of types alone;
+    * ``well_formed``: share of outputs that parse completely.
+    """
+    from collections import Counter
+
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    tp = partial = type_tp = 0.0
+    n_pred = n_gold = well = 0
+    for out, ex in zip(predictions, examples):
+        pred, ok = parse_ner(out)
+        gold = gold_pairs(ex)
+        well += ok
+        n_pred += len(pred)
+        n_gold += len(gold)
+        tp += sum((Counter(pred) & Counter(gold)).values())
+        type_tp += sum((Counter(t for t, _ in pred) & Counter(t for t, _ in gold)).values())
+        free = list(gold)
+        for kind, ent in pred:
+            cands = [(_overlap_f1(ent, g), i) for i, (t, g) in enumerate(free) if t == kind]
+            if cands:
+                best, i = max(cands)
+                if best > 0:
+                    partial += best
+                    free.pop(i)
+    n = len(examples)
+    return {"exact": _prf(tp, n_pred, n_gold), "partial": _prf(partial, n_pred, n_gold),
+            "type": _prf(type_tp, n_pred, n_gold), "well_formed": well / n if n else 0.0,
+            "examples": n, "predicted": n_pred, "gold": n_gold}
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [rec for _, rec in iter_jsonl(path)]
 
@@ -170,20 +312,31 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def build_samples(data: Path = ROOT / "data_samples", write: bool = True) -> dict[str, list[dict]]:
-    """Regenerate ``instructions/ie_{en,zh}.jsonl`` and ``ie/eval_{en,zh}.jsonl``."""
+def _other_texts(data: Path) -> list[str]:
     other = [r["text"] for p in sorted((data / "corpus").glob("*.jsonl")) for r in _read_jsonl(p)]
     for name in ("cot", "general", "code"):
         path = data / "instructions" / f"{name}.jsonl"
         if path.is_file():
             other += [f"{r.get('instruction', '')}\n{r.get('input', '')}\n{r.get('output', '')}"
                       for r in _read_jsonl(path)]
+    return other
+
+
+def split_records(lang: str, data: Path = ROOT / "data_samples",
+                  other: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """The annotated ``lang`` records, split into (train, evaluation) as committed."""
+    records = _read_jsonl(data / "ie" / f"annotated_{lang}.jsonl")
+    for rec in records:
+        check_record(rec)
+    return split_heldout(records, _other_texts(data) if other is None else other)
+
+
+def build_samples(data: Path = ROOT / "data_samples", write: bool = True) -> dict[str, list[dict]]:
+    """Regenerate ``instructions/ie_{en,zh}.jsonl`` and ``ie/eval_{en,zh}.jsonl``."""
+    other = _other_texts(data)
     files = {}
     for lang in ("en", "zh"):
-        records = _read_jsonl(data / "ie" / f"annotated_{lang}.jsonl")
-        for rec in records:
-            check_record(rec)
-        train, evaluation = split_heldout(records, other)
+        train, evaluation = split_records(lang, data, other)
         files[f"instructions/ie_{lang}.jsonl"] = [x for r in train for x in to_instructions(r)]
         files[f"ie/eval_{lang}.jsonl"] = [x for r in evaluation for x in to_instructions(r)]
     if write:

@@ -1,0 +1,231 @@
+"""Stage 03: templates, prompt masking, the no-target guard, the mix, adapters."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from knowlm_nb import ROOT, ie, instruct, tiny
+
+
+@pytest.fixture(scope="module")
+def tok_and_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo")
+    zoo = tiny.build_zoo(out, verbose=False, hidden_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=4, intermediate_size=128)
+    tok, model = zoo.load()
+    return zoo, tok, model
+
+
+# ---------------------------------------------------------------- templates
+
+def test_templates_ship_in_the_package_and_load_from_any_directory(tmp_path):
+    assert {"alpaca", "alpaca_short"} <= set(instruct.template_names())
+    code = ("from knowlm_nb import instruct; t = instruct.load_template('alpaca'); "
+            "print(t.prompt('Do it', 'x'))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "### Instruction:\nDo it\n\n### Input:\nx\n\n### Response:\n" in out
+
+
+def test_template_with_and_without_input():
+    t = instruct.load_template("alpaca_short")
+    assert t.prompt("Say hi") == "### Instruction:\nSay hi\n\n### Response:\n"
+    assert "### Input:\nabc" in t.prompt("Say hi", "abc")
+    assert t.response(t.prompt("Q") + " answer ") == "answer"
+
+
+def test_unknown_template_is_named():
+    with pytest.raises(instruct.InstructError, match="unknown prompt template 'nope'.*alpaca"):
+        instruct.load_template("nope")
+
+
+# ---------------------------------------------------------------- masking
+
+def test_prompt_tokens_are_masked_and_response_plus_eos_are_labels(tok_and_model):
+    _, tok, _ = tok_and_model
+    t = instruct.load_template("alpaca_short")
+    ex = {"instruction": "List the names.", "input": "Ann met Bob.", "output": "Ann, Bob"}
+    row = instruct.tokenize_example(tok, ex, t, cutoff_len=512)
+    prompt_ids = tok(t.prompt(ex["instruction"], ex["input"]))["input_ids"]
+    answer_ids = tok(ex["output"], add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    assert row["input_ids"] == prompt_ids + answer_ids + [tok.eos_token_id]
+    assert row["input_ids"][0] == tok.bos_token_id
+    assert row["labels"][:n] == [-100] * n
+    assert row["labels"][n:] == answer_ids + [tok.eos_token_id]
+    assert tok.decode(row["labels"][n:-1]) == "Ann, Bob"
+    assert not row["truncated"]
+    full = instruct.tokenize_example(tok, ex, t, cutoff_len=512, train_on_inputs=True)
+    assert full["labels"] == full["input_ids"]
+
+
+def test_truncation_is_counted_and_promptonly_examples_dropped(tok_and_model):
+    _, tok, _ = tok_and_model
+    t = instruct.load_template("alpaca_short")
+    long_prompt = {"instruction": "word " * 300, "input": "", "output": "yes"}
+    short = {"instruction": "Say yes.", "input": "", "output": "yes"}
+    rows, stats = instruct.tokenize_all(tok, [long_prompt, short], t, cutoff_len=64)
+    assert stats == {**stats, "examples": 2, "kept": 1, "truncated": 1, "dropped_no_target": 1}
+    assert all(len(r["input_ids"]) <= 64 for r in rows)
+
+
+def test_bad_example_and_cutoff_are_rejected(tok_and_model):
+    _, tok, _ = tok_and_model
+    t = instruct.load_template("alpaca_short")
+    with pytest.raises(instruct.InstructError, match="'output' must be a string"):
+        instruct.tokenize_example(tok, {"instruction": "x", "output": None}, t, 64)
+    with pytest.raises(instruct.InstructError, match="cutoff_len"):
+        instruct.tokenize_example(tok, {"instruction": "x", "output": "y"}, t, 1)
+
+
+def test_a_batch_without_targets_is_an_error_that_says_why(tok_and_model):
+    _, tok, _ = tok_and_model
+    collate = instruct.MaskedCollator(tok)
+    good = {"input_ids": [1, 5, 6], "attention_mask": [1, 1, 1], "labels": [-100, -100, 6]}
+    empty = {"input_ids": [1, 5], "attention_mask": [1, 1], "labels": [-100, -100]}
+    batch = collate([good, empty])
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 5, tok.pad_token_id]]
+    assert batch["labels"].tolist() == [[-100, -100, 6], [-100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    with pytest.raises(instruct.NoTargetError, match="no trainable target token"):
+        collate([empty, empty])
+
+
+# ---------------------------------------------------------------- the mix
+
+def test_mix_counts_follow_knowlm_proportions():
+    counts = instruct.mix_counts(1000)
+    assert sum(counts.values()) == 1000
+    total = sum(instruct.KNOWLM_COUNTS.values())
+    for cat, n in counts.items():
+        assert abs(n / 1000 - instruct.KNOWLM_COUNTS[cat] / total) < 0.001 + 1 / 1000
+    assert counts["ie_en"] > counts["ie_zh"] > counts["cot"] > counts["general"] > counts["code"]
+    with pytest.raises(instruct.InstructError, match="unknown categories"):
+        instruct.mix_counts(100, {"poetry": 1.0})
+
+
+def test_build_mix_proportions_split_and_fresh_names():
+    train, val, counts = instruct.build_mix(2000, seed=1, val_share=0.1)
+    assert len(train) + len(val) == 2000 and len(val) == 200
+    seen = {c: 0 for c in instruct.CATEGORIES}
+    for row in train + val:
+        seen[row["category"]] += 1
+    assert seen == counts
+    # IE examples are mostly fresh-name copies, and never use an evaluation name
+    banned = set()
+    for lang in ("en", "zh"):
+        banned |= set().union(*(ie.names_of(r) for r in ie.split_records(lang)[1]))
+    ie_rows = [r for r in train + val if r["category"].startswith("ie_")]
+    assert not any(name in r["input"] for r in ie_rows for name in banned)
+    assert len({r["input"] for r in ie_rows}) > 0.8 * len(ie_rows)
+    again = instruct.build_mix(2000, seed=1, val_share=0.1)
+    assert again[0] == train  # deterministic
+
+
+def test_substitute_names_renames_consistently():
+    rec = {"id": "t", "lang": "en",
+           "text": "Harrowgate Institute hired Ann Lee; Ann Lee moved to Harrowgate.",
+           "entities": [{"type": "organization", "text": "Harrowgate Institute"},
+                        {"type": "person", "text": "Ann Lee"},
+                        {"type": "location", "text": "Harrowgate"}],
+           "relations": [{"head": "Ann Lee", "relation": "works_for", "tail": "Harrowgate Institute"}],
+           "events": []}
+    new = ie.substitute_names(rec, tiny.NameMaker(3))
+    ie.check_record(new)
+    names = [e["text"] for e in new["entities"]]
+    assert not set(names) & {"Harrowgate Institute", "Ann Lee", "Harrowgate"}
+    assert new["text"].count(names[1]) == 2
+    assert new["relations"][0] == {"head": names[1], "relation": "works_for", "tail": names[0]}
+
+
+# ---------------------------------------------------------------- scoring
+
+def test_score_ner_exact_partial_type_and_well_formed():
+    ex = [{"gold": [{"type": "person", "text": "Marta Velling"}, {"type": "location", "text": "Port Elsin"}]},
+          {"gold": []},
+          {"gold": [{"type": "organization", "text": "江澜湖研究所"}]}]
+    preds = ["(person, Marta Velling), (location, Elsin)", "NONE", "(组织, 江澜湖研究"]
+    s = ie.score_ner(preds, ex)
+    assert s["predicted"] == 2 and s["gold"] == 3
+    assert s["exact"]["precision"] == pytest.approx(1 / 2)
+    assert s["exact"]["recall"] == pytest.approx(1 / 3)
+    assert s["type"]["precision"] == pytest.approx(1.0)
+    # "Elsin" vs "Port Elsin": overlap F1 2/3
+    assert s["partial"]["precision"] == pytest.approx((1 + 2 / 3) / 2)
+    assert s["well_formed"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2 predictions for 3 examples"):
+        ie.score_ner(preds[:2], ex)
+
+
+def test_parse_ner_maps_chinese_labels_and_flags_garbage():
+    assert ie.parse_ner("(人物, 林书远), (时间, 2016年)") == (
+        [("person", "林书远"), ("time", "2016年")], True)
+    assert ie.parse_ner("无") == ([], True)
+    assert ie.parse_ner("(animal, cat)") == ([], False)
+    assert ie.parse_ner("(person, Ann) and more") == ([("person", "Ann")], False)
+
+
+# ---------------------------------------------------------------- generation + adapters
+
+def test_generate_batched_left_padding_matches_one_by_one(tok_and_model):
+    _, tok, model = tok_and_model
+    prompts = ["Hello there", "A much longer prompt than the first one, with more words"]
+    side = tok.padding_side
+    batched = instruct.generate(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    single = [instruct.generate(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == single
+    assert tok.padding_side == side  # restored
+    with pytest.raises(instruct.InstructError, match="max_new_tokens"):
+        instruct.generate(model, tok, prompts, max_new_tokens=0)
+
+
+def test_adapter_is_saved_non_empty_and_loads_back_to_the_same_outputs(tok_and_model, tmp_path):
+    zoo, tok, _ = tok_and_model
+    _, base = instruct.load_base(zoo.model_dir)
+    model = instruct.lora_model(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    t = instruct.load_template("alpaca_short")
+    ex = [{"instruction": "Repeat the name.", "input": f"Name {i}", "output": f"Name {i}"}
+          for i in range(16)]
+    rows, _ = instruct.tokenize_all(tok, ex, t, cutoff_len=64)
+    res = instruct.train_lora(model, tok, rows, rows[:4], tmp_path / "adapter", learning_rate=1e-2,
+                              max_steps=4, micro_batch=4, warmup_steps=0, eval_steps=2,
+                              progress=False)
+    assert res["steps"] == 4
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n_lora == 2 * 2 * (4 * 64 + 64 * 4)  # 2 layers x (q, v) x (A + B)
+    assert res["adapter_bytes"] >= 4 * n_lora  # every fp32 LoRA weight is on disk
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not empty
+    curves = instruct.loss_curves(res["history"])
+    assert len(curves["train"]) >= 1 and len(curves["validation"]) == 2
+    ids = tok(["Name 3"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        want = model(**ids).logits
+    _, loaded = instruct.load_adapter(zoo.model_dir, tmp_path / "adapter")
+    with torch.no_grad():
+        got = loaded(**ids).logits
+    torch.testing.assert_close(got, want)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no scratch left
+
+
+def test_missing_base_or_adapter_is_named(tmp_path, tok_and_model):
+    with pytest.raises(instruct.InstructError, match="no model at"):
+        instruct.load_base(tmp_path)
+    zoo, _, _ = tok_and_model
+    with pytest.raises(instruct.InstructError, match="no LoRA adapter at"):
+        instruct.load_adapter(zoo.model_dir, tmp_path)
+    with pytest.raises(instruct.InstructError, match="CUDA"):
+        if not torch.cuda.is_available():
+            instruct.load_base(zoo.model_dir, load_in_8bit=True)
+        else:
+            raise instruct.InstructError("CUDA present: nothing to check")
