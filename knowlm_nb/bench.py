@@ -124,8 +124,20 @@ def bench_chunking(argv: list[str]) -> dict:
     }
 
 
+def bench_pretrain(argv: list[str]) -> dict:
+    """02: tokens/s of a single-process plain Trainer vs 2-process ZeRO-2 and
+    ZeRO-3 on CPU (same global batch and data), as ratios.
+
+    ``--steps N`` (default 12), ``--seq_len`` (default 256), ``--micro_batch``.
+    """
+    from .pretrain import bench_main
+
+    return bench_main(argv)
+
+
 BENCHES = {
     "chunking": bench_chunking,
+    "pretrain": bench_pretrain,
 }
 
 

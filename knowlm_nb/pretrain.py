@@ -81,7 +81,8 @@ HELDOUT = {"zh": "data_samples/ie/eval_zh.jsonl", "en": "data_samples/ie/eval_en
 #: KnowLM's pretraining run as published: LLaMA-13B, 3 nodes x 8 V100-32GB,
 #: micro batch 20 x accumulation 3, samples of <= 1024 tokens, about 260 s a step.
 KNOWLM_RUN = {"num_nodes": 3, "gpus_per_node": 8, "micro_batch": 20, "grad_accum": 3,
-              "seq_len": 1024, "seconds_per_step": 260.0, "gpu_memory_gb": 32.0}
+              "seq_len": 1024, "seconds_per_step": 260.0, "gpu_memory_gib": 32.0}
+GIB = 2 ** 30  # memory in GiB, like DeepSpeed's printouts (a "32 GB" V100 has 32 GiB)
 #: LLaMA-13B's shape (its config.json).
 LLAMA_13B = {"vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
              "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
@@ -410,9 +411,8 @@ def launch_command(script_args: Iterable[str] = (), launcher: str = "deepspeed",
     * ``torchrun``: one node ``--standalone``; several nodes use c10d
       rendezvous at the first host, and the same command runs on every node.
 
-    One process and one node with no launcher needed gives plain
-    ``python -m MODULE`` (the single-process baseline). ``master_port``
-    defaults to a free local port on one node and 29500 across nodes.
+    ``master_port`` defaults to a free local port on one node and 29500
+    across nodes.
     """
     script_args = [str(a) for a in script_args]
     if launcher not in LAUNCHERS:
@@ -453,8 +453,11 @@ def single_process_command(script_args: Iterable[str] = (), module: str = MODULE
 
 def command_for(cfg: config.Config, run_config: Path, output_dir: Path,
                 resume: str = "auto", master_port: int | None = None) -> list[str]:
-    """The launch argv for a run config written by :func:`write_run_config`."""
+    """The launch argv for a run config written by :func:`write_run_config`.
+    A plain Trainer (no DeepSpeed config) on one process needs no launcher."""
     args = ["--config", str(run_config), "--output_dir", str(output_dir), "--resume", resume]
+    if world_size(cfg) == 1 and not cfg.deepspeed_config:
+        return single_process_command(args)
     return launch_command(args, cfg.launcher, cfg.num_nodes, cfg.num_gpus,
                           optional_path(cfg, "hostfile"), master_port=master_port)
 
@@ -996,11 +999,12 @@ def model_size(shape: Mapping | None = None) -> tuple[int, int]:
 
 
 def zero_memory(total_params: int, largest_layer_params: int, num_nodes: int,
-                gpus_per_node: int, gpu_memory_gb: float) -> list[dict]:
+                gpus_per_node: int, gpu_memory_gib: float) -> list[dict]:
     """DeepSpeed's estimates of model-state memory (params, grads, Adam) per
-    GPU and per node's CPU, for ZeRO-2 / ZeRO-3 with and without offload.
-
-    Model states only: activations come on top (see :func:`activation_memory`).
+    GPU and per node's CPU RAM, in GiB, for ZeRO-2 / ZeRO-3 with and without
+    offload. Model states only: activations come on top (see
+    :func:`activation_memory`). Without offload, the CPU figure is what each
+    node needs while the processes load the model.
     """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -1010,26 +1014,26 @@ def zero_memory(total_params: int, largest_layer_params: int, num_nodes: int,
     for offload in (False, True):
         cpu, gpu = estimate_zero2_model_states_mem_needs(total_params, cpu_offload=offload, **kw)
         rows.append({"setup": "ZeRO-2" + (" + offload optimizer" if offload else ""),
-                     "gpu_gb": gpu / 1e9, "cpu_gb_per_node": cpu / 1e9})
+                     "gpu_gib": gpu / GIB, "cpu_gib_per_node": cpu / GIB})
     for offload, offload_params in ((False, False), (True, False), (True, True)):
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
             total_params, largest_layer_params, cpu_offload=offload,
             cpu_offload_params=offload_params, **kw)
         name = "ZeRO-3" + ("" if not offload else " + offload optimizer" if not offload_params
                            else " + offload optimizer and params")
-        rows.append({"setup": name, "gpu_gb": gpu / 1e9, "cpu_gb_per_node": cpu / 1e9})
+        rows.append({"setup": name, "gpu_gib": gpu / GIB, "cpu_gib_per_node": cpu / GIB})
     for row in rows:
-        row["fits_gpu"] = row["gpu_gb"] < gpu_memory_gb
-        row["left_for_activations_gb"] = gpu_memory_gb - row["gpu_gb"]
+        row["fits_gpu"] = row["gpu_gib"] < gpu_memory_gib
+        row["left_for_activations_gib"] = gpu_memory_gib - row["gpu_gib"]
     return rows
 
 
 def activation_memory(micro_batch: int, seq_len: int, hidden: int, layers: int,
                       bytes_per_value: int = 2) -> float:
-    """GB per GPU kept by gradient checkpointing: each layer's input, one
+    """GiB per GPU kept by gradient checkpointing: each layer's input, one
     ``micro_batch x seq_len x hidden`` tensor in fp16 (the recompute
     working set of one layer comes on top)."""
-    return micro_batch * seq_len * hidden * layers * bytes_per_value / 1e9
+    return micro_batch * seq_len * hidden * layers * bytes_per_value / GIB
 
 
 def batch_arithmetic(micro_batch: int, grad_accum: int, gpus: int, seq_len: int) -> dict:
@@ -1071,8 +1075,8 @@ def size_real_run(run: Mapping | None = None, shape: Mapping | None = None,
                shape["num_hidden_layers"], shape["hidden_size"], run["seq_len"])
     return {"parameters": total, "largest_layer_parameters": largest,
             "memory": zero_memory(total, largest, run["num_nodes"], run["gpus_per_node"],
-                                  run["gpu_memory_gb"]),
-            "activations_gb_checkpointed": activation_memory(
+                                  run["gpu_memory_gib"]),
+            "activations_gib_checkpointed": activation_memory(
                 run["micro_batch"], run["seq_len"], shape["hidden_size"], shape["num_hidden_layers"]),
             **batch, **speed, **util, "peak_tflops": peak_tflops, **{f"run_{k}": v for k, v in run.items()}}
 
@@ -1107,7 +1111,7 @@ def bench_main(argv: list[str]) -> dict:
     on CPU, same global batch and data, run one after the other; as ratios."""
     ap = argparse.ArgumentParser(prog="python -m knowlm_nb.bench pretrain")
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--seq_len", type=int, default=256, help="at least notebook 01's max_len")
     ap.add_argument("--micro_batch", type=int, default=4)
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench" / "pretrain"))
     a = ap.parse_args(argv)
@@ -1130,19 +1134,14 @@ def bench_main(argv: list[str]) -> dict:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        run_config = write_run_config(cfg, out / "run.yaml")
-        script = ["--config", str(run_config), "--output_dir", str(out), "--resume", "never"]
-        if cfg.num_gpus == 1:
-            argv_, threads = single_process_command(script), os.cpu_count() or 1
-        else:
-            argv_, threads = command_for(cfg, run_config, out, "never"), 1
+        argv_ = command_for(cfg, write_run_config(cfg, out / "run.yaml"), out, "never")
+        threads = (os.cpu_count() or 1) // cfg.num_gpus  # every setup uses all the cores
         res = run_job(argv_, job_env(threads), show=None, log_path=out / "launcher.log")
         if res.returncode != 0:
             raise PretrainError(f"bench {name} failed:\n" + "\n".join(res.tail[-20:]))
-        steps = [e for e in read_log(out)]
-        timed = steps[2:]  # skip the first steps (warm-up, lazy init)
-        seconds = timed[-1]["wall"] - steps[1]["wall"]
-        tokens = timed[-1]["tokens"] - steps[1]["tokens"]
+        steps = read_log(out)  # time from the end of step 2: start-up and warm-up excluded
+        seconds = steps[-1]["wall"] - steps[1]["wall"]
+        tokens = steps[-1]["tokens"] - steps[1]["tokens"]
         rows[name] = {"tokens_per_s": tokens / seconds, "final_loss": steps[-1]["loss"],
                       "wall_s": res.seconds}
     ref = rows["plain_1proc"]["tokens_per_s"]

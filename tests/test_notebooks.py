@@ -82,3 +82,18 @@ def test_01_recorded_figures():
     assert f["knowlm_duplicated_share"] > 0.05                  # the original's overlap, measured
     assert all(f[f"share_error_{g}"] < 0.01 for g in ("zh", "en", "code"))
     assert f["megatron_reads"] is True
+
+
+def test_02_recorded_figures():
+    f = recorded("02")
+    assert f["global_batch"] == 16 and f["knowlm_global_batch"] == 1440  # 20 x 3 x 24
+    assert f["loss_last"] < f["loss_first"] - 0.5                       # it learned
+    assert f["stopped_at_step"] >= 25 and f["resumed_from"] == 20       # stopped, resumed from a checkpoint
+    assert f["retraced_steps"] >= 5 and f["retraced_max_loss_diff"] < 1e-3  # and retraced the same steps
+    assert f["consolidated_eval_diff"] < 1e-4                           # same eval loss in a fresh process
+    assert f["ppl_zh_after"] < 0.8 * f["ppl_zh_before"]                 # Chinese improves
+    assert f["ppl_en_after"] < 1.25 * f["ppl_en_before"]                # English not much worse
+    assert f["zero2_fits_32gb"] is False and f["zero3_fits_32gb"] is True
+    assert 230 < f["knowlm_tokens_per_s_per_gpu"] < 240                 # 1440 x 1024 / 260 s / 24
+    assert 0.10 < f["knowlm_mfu"] < 0.20
+
