@@ -137,7 +137,9 @@ ARTIFACTS: dict[str, dict[str, str]] = {
 UPSTREAM: dict[str, dict[str, tuple[str, str]]] = {
     "01": {"tokenizer_path": ("00", "tokenizer")},
     "02": {"base_model": ("00", "base_model"), "dataset_prefix": ("01", "dataset_prefix")},
-    "03": {"base_model": ("02", "pretrained_model")},
+    # KnowLM tuned its continued-pretrained model (02); the course tunes the copy-capable
+    # 00 base by default (notebook 03 says why), and base_model can point at 02 instead.
+    "03": {"base_model": ("00", "base_model")},
     "04": {"base_model": ("02", "pretrained_model"), "adapter_path": ("03", "adapter")},
     "05": {"model_path": ("04", "merged_model")},
     "06": {"model_path": ("04", "merged_model"), "adapter_path": ("03", "adapter")},

@@ -176,3 +176,59 @@ def test_show_tokens_pieces_add_up_to_the_text(shipped_tokenizer):
                        for p in pieces)
         assert raw == text.encode()
     assert any(p.startswith("<e") for p in tiny.show_tokens(tok, "麒麟"))
+
+
+# ------------------------------------------------- the copy-capable base
+
+def test_name_maker_invents_many_distinct_names_per_kind_and_language():
+    maker = tiny.NameMaker(0)
+    for lang in ("en", "zh"):
+        for kind in tiny.NameMaker.KINDS:
+            names = {maker.make(kind, lang) for _ in range(300)}
+            assert len(names) > (100 if kind == "time" else 250), (kind, lang)
+    assert tiny.NameMaker(5).make("person") == tiny.NameMaker(5).make("person")
+    with pytest.raises(tiny.ZooError, match="unknown name kind 'animal'"):
+        maker.make("animal")
+
+
+def test_copy_lines_repeat_their_names_and_follow_the_recipe_shares():
+    lines = list(tiny.copy_lines(4000, seed=1))
+    share = lambda pred: sum(map(pred, lines)) / len(lines)  # noqa: E731
+    assert abs(share(lambda l: l.startswith("Repeat after me:")) - 0.10) < 0.02
+    assert abs(share(lambda l: "Names mentioned:" in l) - 0.20) < 0.03
+    assert abs(share(lambda l: "Where does" in l) - 0.15) < 0.03
+    rep = next(l for l in lines if l.startswith("Repeat after me:"))
+    x = rep[len("Repeat after me: "):].split(". ")[0]
+    assert rep.count(x) == 2
+    assert list(tiny.copy_lines(50, seed=1)) == lines[:50]
+
+
+def test_induction_probe_separates_a_copying_model_from_an_untrained_one():
+    tok, base = tiny.build_zoo(ROOT / "runs" / "tiny" / "00", verbose=False).load()
+    untrained = tiny.build_model(base.config, seed=0)
+    assert tiny.induction_probe(untrained, tok) > 5.0
+    assert tiny.induction_probe(base, tok) < 3.0  # the shipped base copies (partly)
+
+
+def test_zoo_uses_the_shipped_base_only_when_tokenizer_and_shape_match(tmp_path, tiny_corpus):
+    default = tiny.build_zoo(ROOT / "runs" / "tiny" / "00", verbose=False)
+    assert default.manifest["base"] == "copy-pretrained (shipped)"
+    shipped = json.loads((tiny.SHIPPED_BASE / tiny.SHIPPED_RECIPE).read_text())
+    assert default.manifest["recipe"]["shipped_base"]
+    assert shipped["dims"] == {k: default.manifest["recipe"][k] for k in tiny.MODEL_KEYS}
+    other = tiny.build_zoo(tmp_path / "z", corpus_glob=tiny_corpus, verbose=False, **SMALL)
+    assert other.manifest["base"] == "random init"
+    fresh = tiny.build_zoo(tmp_path / "r", verbose=False, use_shipped=False)
+    assert fresh.manifest["base"] == "random init"
+    assert fresh.manifest["tokenizer_sha256"] == shipped["tokenizer_sha256"]
+
+
+def test_shipped_base_files_and_model_card():
+    files = {p.name for p in tiny.SHIPPED_BASE.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.json", "README.md"} <= files
+    info = json.loads((tiny.SHIPPED_BASE / "recipe.json").read_text())
+    assert tiny.weights_hash(tiny.SHIPPED_BASE) == info["weights_sha256"]
+    probes = [h["probe"] for h in info["history"]]
+    assert probes[0] > 5.0 and probes[-1] < 3.0
+    card = (tiny.SHIPPED_BASE / "README.md").read_text()
+    assert "--pretrain-base data_samples/tiny_base" in card and f"{info['parameters']:,}" in card
