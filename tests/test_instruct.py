@@ -122,6 +122,9 @@ def test_build_mix_proportions_split_and_fresh_names():
     ie_rows = [r for r in train + val if r["category"].startswith("ie_")]
     assert not any(name in r["input"] for r in ie_rows for name in banned)
     assert len({r["input"] for r in ie_rows}) > 0.8 * len(ie_rows)
+    tasks = [r["task"] for r in ie_rows]
+    assert tasks.count("NER") > 0.5 * len(tasks)  # NER weighted 3:1:1 over RE and EE
+    assert tasks.count("RE") > 0.05 * len(tasks) and tasks.count("EE") > 0.05 * len(tasks)
     again = instruct.build_mix(2000, seed=1, val_share=0.1)
     assert again[0] == train  # deterministic
 
