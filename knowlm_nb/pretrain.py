@@ -788,7 +788,8 @@ def train(cfg: config.Config, output_dir: Path, resume: str = "auto") -> dict:
     from accelerate import PartialState
     # the accelerate state before TrainingArguments: on CPU, DeepSpeed over
     # gloo only works this way (with use_configured_state below)
-    state = PartialState(backend=None if cuda else "gloo")
+    launched = "WORLD_SIZE" in os.environ  # set by deepspeed / torchrun, not by plain python
+    state = PartialState(backend="gloo" if launched and not cuda else None)
     if state.num_processes != world_size(cfg):
         raise PretrainError(f"launched with {state.num_processes} processes but num_nodes "
                             f"{cfg.num_nodes} x num_gpus {cfg.num_gpus} = {world_size(cfg)}")

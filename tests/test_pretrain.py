@@ -116,6 +116,20 @@ def test_consolidated_zero3_model_reloads_in_a_fresh_process_with_the_same_eval_
     assert tiny.weights_hash(model_dir) == tiny.weights_hash(ckpt)
 
 
+def test_plain_single_process_run_needs_no_launcher(workdir):
+    """The benchmark's baseline: no DeepSpeed, one process, plain python -m."""
+    cfg = small(workdir, deepspeed_config="", num_gpus=1, max_steps=2, save_steps=2)
+    out = workdir / "02" / "plain"
+    argv = pretrain.command_for(cfg, out / "run.yaml", out)
+    assert argv[1:3] == ["-m", "knowlm_nb.pretrain"]
+    result = pretrain.launch(cfg, out, fresh=True, show=None)
+    assert result.returncode == 0
+    start = next(e for e in result.events if e["event"] == "start")
+    assert start["world_size"] == 1 and start["zero_stage"] is None
+    assert pretrain.last_checkpoint(out).name == "checkpoint-2"
+    assert not (pretrain.last_checkpoint(out) / "latest").exists()  # not a ZeRO checkpoint
+
+
 def test_cli_consolidate_and_evaluate(zero2_run, tmp_path, capsys):
     cfg, out, _ = zero2_run
     assert pretrain.main(["--consolidate", str(out / "checkpoint-6"), "--out",
