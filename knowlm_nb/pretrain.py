@@ -880,9 +880,7 @@ def consolidate(checkpoint: Path, out_dir: Path, tokenizer_dir: Path | None = No
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise PretrainError(f"dtype must be one of {PRECISIONS}, got {dtype!r}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with tiny.atomic_dir(out_dir) as tmp:
         if (checkpoint / "latest").is_file():  # a DeepSpeed (ZeRO) checkpoint
             from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
             convert_zero_checkpoint_to_state_dict(str(checkpoint), str(tmp), dtype=torch_dtype,
@@ -914,11 +912,6 @@ def consolidate(checkpoint: Path, out_dir: Path, tokenizer_dir: Path | None = No
                     "global_step": state.get("global_step"), "dtype": dtype,
                     "weights_sha256": tiny.weights_hash(tmp)}
         (tmp / "consolidated.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -23,6 +23,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import glob as globlib
 import hashlib
@@ -640,24 +641,35 @@ License: CC BY 4.0, like the rest of `data_samples`.
 """
 
 
-def save_shipped(out: Path, model, tok, info: dict) -> dict:
-    """Write ``model`` (as fp16), ``tok`` and ``info`` + weights hash to ``out``, atomically."""
-    import torch
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a scratch folder beside ``out``; on success it replaces ``out`` whole.
 
+    On any error the scratch folder is removed and ``out`` is left as it was,
+    so a reader never sees a half-written folder.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        copy.deepcopy(model).to(torch.float16).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        info = {**info, "weights_sha256": weights_hash(tmp)}
-        (tmp / SHIPPED_RECIPE).write_text(json.dumps(info, indent=1), encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_shipped(out: Path, model, tok, info: dict) -> dict:
+    """Write ``model`` (as fp16), ``tok`` and ``info`` + weights hash to ``out``, atomically."""
+    import torch
+
+    with atomic_dir(out) as tmp:
+        copy.deepcopy(model).to(torch.float16).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        info = {**info, "weights_sha256": weights_hash(tmp)}
+        (tmp / SHIPPED_RECIPE).write_text(json.dumps(info, indent=1), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
     return info
 
 
