@@ -89,6 +89,7 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
         "base_model": str,
         "prompt_template": str,
         "mix_total": int,
+        "copy_share": float,
         "lora_r": int,
         "lora_alpha": int,
         "lora_dropout": float,

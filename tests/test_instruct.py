@@ -129,6 +129,24 @@ def test_build_mix_proportions_split_and_fresh_names():
     assert again[0] == train  # deterministic
 
 
+def test_copy_instructions_list_fresh_names_in_order():
+    rows = instruct.copy_instructions(40, seed=2)
+    assert len(rows) == 40 and sum(r["lang"] == "zh" for r in rows) == 20
+    banned = set().union(*(ie.names_of(r) for lang in ("en", "zh") for r in ie.split_records(lang)[1]))
+    for r in rows:
+        sep = ", " if r["lang"] == "en" else "，"
+        names = r["output"].split(sep)
+        positions = [r["input"].find(n) for n in names]
+        assert min(positions) >= 0 and positions == sorted(positions)
+        assert not any(b in r["input"] for b in banned)
+    train, _, counts = instruct.build_mix(2000, seed=1, val_share=0.0, copy_share=0.5)
+    general = [r for r in train if r["category"] == "general"]
+    assert len(general) == counts["general"]
+    assert sum(r.get("task") == "COPY" for r in general) == round(counts["general"] * 0.5)
+    with pytest.raises(instruct.InstructError, match="copy_share"):
+        instruct.build_mix(100, copy_share=1.5)
+
+
 def test_substitute_names_renames_consistently():
     rec = {"id": "t", "lang": "en",
            "text": "Harrowgate Institute hired Ann Lee; Ann Lee moved to Harrowgate.",

@@ -100,9 +100,11 @@ def test_02_recorded_figures():
 
 def test_03_recorded_figures():
     f = recorded("03")
-    # measured on 2 cores: exact F1 0.00 -> 0.10, partial 0.17, type 0.55, well-formed 0.69
+    # measured on 2 cores with the 4-stage base: exact F1 0.00 -> 0.15 (en 0.21, zh 0.10),
+    # partial 0.22, type 0.52, well-formed 0.60 (the 2-stage base gave 0.10, zh 0.04-0.06)
     assert f["f1_before"] < 0.02                                   # the base cannot extract yet
-    assert f["f1_after"] > f["f1_before"] + 0.03                   # tuning taught it, on unseen names
+    assert f["f1_after"] > f["f1_before"] + 0.08                   # tuning taught it, on unseen names
+    assert f["f1_after_zh"] > 0.03                                 # Chinese names too
     assert f["partial_f1_after"] >= f["f1_after"]                  # partial credit never lowers it
     assert f["type_f1_after"] > max(0.3, f["f1_after"])            # types are learned before names
     assert f["well_formed_after"] > 0.4                            # it learned the answer format

@@ -232,3 +232,28 @@ def test_shipped_base_files_and_model_card():
     assert probes[0] > 5.0 and probes[-1] < 3.0
     card = (tiny.SHIPPED_BASE / "README.md").read_text()
     assert "--pretrain-base data_samples/tiny_base" in card and f"{info['parameters']:,}" in card
+
+
+def test_shipped_base_follows_the_recipe_in_the_code():
+    info = json.loads((tiny.SHIPPED_BASE / "recipe.json").read_text())
+    assert info["stages"] == tiny.COPY_STAGES
+    assert info["history"][-1]["step"] == sum(s["steps"] for s in tiny.COPY_STAGES)
+
+
+def test_copy_base_resumes_from_its_first_stages_only(tmp_path, tiny_corpus):
+    zoo = tiny.build_zoo(tmp_path / "z", corpus_glob=tiny_corpus, verbose=False, **SMALL)
+    stage = {"steps": 2, "batch_size": 2, "block": 32, "lr": 1e-3, "warmup": 0,
+             "repeat_share": 0.5, "seed": 0, "probe_every": 1}
+    first = tiny.ship_copy_base(tmp_path / "b1", zoo.root, [stage], progress=False)
+    assert [h["step"] for h in first["history"]] == [0, 1, 2]
+    both = [stage, dict(stage, seed=1)]
+    info = tiny.ship_copy_base(tmp_path / "b2", zoo.root, both, progress=False, resume=tmp_path / "b1")
+    assert [h["step"] for h in info["history"]] == [0, 1, 2, 3, 4]
+    assert info["history"][:3] == first["history"]
+    assert info["resumed"] == [{"from_stages": 1, "weights_sha256": first["weights_sha256"]}]
+    assert info["weights_sha256"] != first["weights_sha256"]  # the second stage trained
+    # a base whose stages are not the first part of the recipe cannot be resumed
+    with pytest.raises(ZooError, match="cannot resume"):
+        tiny.ship_copy_base(tmp_path / "b3", zoo.root, [dict(stage, lr=5e-3), stage],
+                            progress=False, resume=tmp_path / "b1")
+    assert not (tmp_path / "b3").exists()
