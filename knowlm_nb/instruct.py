@@ -19,7 +19,10 @@ enough to read:
 * :func:`train_lora` - PEFT LoRA with the HF Trainer (8-bit base on GPU).
 * :func:`generate` / :func:`evaluate_ner` - batched greedy decoding with left
   padding, an attention mask, a token cap and a cut at the first EOS, scored
-  with :func:`knowlm_nb.ie.score_ner`.
+  with :func:`knowlm_nb.ie.score_ner`; :func:`repeat_rate` checks whether the
+  base can copy the held-out names at all.
+* :func:`copy_instructions` - optional copy-style general instructions
+  ("list the names in order"), ``copy_share`` of the general category.
 
 CLI (the notebook's script twin)::
 
@@ -472,6 +475,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
     finally:
         tokenizer.padding_side = side
     return outs
+
+
+def repeat_rate(model, tokenizer, names: list[str], batch_size: int = 32) -> float:
+    """Share of ``names`` the model repeats exactly after ``Repeat after me: <name>.``
+
+    A check of the base alone, before any tuning: can it copy these very
+    strings from its context? (The copy pretraining of the shipped base has
+    lines of this form, with other, invented names.)
+    """
+    if not names:
+        raise InstructError("no names to repeat")
+    longest = max(len(tokenizer(n, add_special_tokens=False)["input_ids"]) for n in names)
+    outs = generate(model, tokenizer, [f"Repeat after me: {n}." for n in names],
+                    max_new_tokens=longest + 4, batch_size=batch_size)
+    return sum(o == n or o.startswith(n + ".") for o, n in zip(outs, names)) / len(names)
 
 
 def eval_examples(langs: Iterable[str] = ("en", "zh"), task: str = "NER",

@@ -204,6 +204,19 @@ def test_generate_batched_left_padding_matches_one_by_one(tok_and_model):
         instruct.generate(model, tok, prompts, max_new_tokens=0)
 
 
+def test_repeat_rate_counts_exact_copies_only(monkeypatch):
+    from transformers import AutoTokenizer
+
+    outs = {"Marta Velling": "Marta Velling. Marta", "远航科技": "远航科技",
+            "Cobalt Ridge": "Cobaloun Ridge."}
+    monkeypatch.setattr(instruct, "generate", lambda model, tok, prompts, max_new_tokens, batch_size: [
+        outs[p[len("Repeat after me: "):-1]] for p in prompts])
+    tok = AutoTokenizer.from_pretrained(tiny.SHIPPED_BASE)
+    assert instruct.repeat_rate(None, tok, list(outs)) == pytest.approx(2 / 3)
+    with pytest.raises(instruct.InstructError, match="no names"):
+        instruct.repeat_rate(None, tok, [])
+
+
 def test_adapter_is_saved_non_empty_and_loads_back_to_the_same_outputs(tok_and_model, tmp_path):
     zoo, tok, _ = tok_and_model
     _, base = instruct.load_base(zoo.model_dir)

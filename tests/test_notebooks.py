@@ -105,6 +105,8 @@ def test_03_recorded_figures():
     assert f["f1_before"] < 0.02                                   # the base cannot extract yet
     assert f["f1_after"] > f["f1_before"] + 0.08                   # tuning taught it, on unseen names
     assert f["f1_after_zh"] > 0.03                                 # Chinese names too
+    # the base copies most held-out names when asked (measured 0.82 / 0.89)
+    assert f["base_repeat_en"] > 0.6 and f["base_repeat_zh"] > 0.6
     assert f["partial_f1_after"] >= f["f1_after"]                  # partial credit never lowers it
     assert f["type_f1_after"] > max(0.3, f["f1_after"])            # types are learned before names
     assert f["well_formed_after"] > 0.4                            # it learned the answer format
