@@ -644,6 +644,8 @@ def ship_copy_base(out: Path, zoo_dir: Path, stages: list[dict] | None = None,
     tok_sha = _file_sha256(zoo_dir / "tokenizer" / "tokenizer.json")
     history, done, minutes, todo, resumed = [], 0, 0.0, list(stages), None
     if resume is not None:
+        if not (Path(resume) / SHIPPED_RECIPE).is_file():
+            raise ZooError(f"cannot resume from {resume}: no {SHIPPED_RECIPE} there")
         prior = json.loads((Path(resume) / SHIPPED_RECIPE).read_text(encoding="utf-8"))
         k = len(prior["stages"])
         if (prior["stages"] != stages[:k] or prior["tokenizer_sha256"] != tok_sha

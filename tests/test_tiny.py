@@ -257,3 +257,5 @@ def test_copy_base_resumes_from_its_first_stages_only(tmp_path, tiny_corpus):
         tiny.ship_copy_base(tmp_path / "b3", zoo.root, [dict(stage, lr=5e-3), stage],
                             progress=False, resume=tmp_path / "b1")
     assert not (tmp_path / "b3").exists()
+    with pytest.raises(ZooError, match="no recipe.json"):
+        tiny.ship_copy_base(tmp_path / "b3", zoo.root, both, progress=False, resume=tmp_path)
