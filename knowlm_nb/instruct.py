@@ -264,15 +264,17 @@ def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples")
     out: list[dict] = []
     for lang, k in (("en", n - n // 2), ("zh", n // 2)):
         sep = ", " if lang == "en" else "，"
+        rows: list[dict] = []
         for rec in _fresh_records(lang, seed + 7, data):
-            if sum(x["lang"] == lang for x in out) >= k:
+            if len(rows) >= k:
                 break
             names = sorted({e["text"] for e in rec["entities"] if e["type"] != "time"},
                            key=rec["text"].find)
             if names:
-                out.append({"id": f"{rec['id']}-copy", "lang": lang, "task": "COPY",
-                            "instruction": COPY_INSTRUCTIONS[lang], "input": rec["text"],
-                            "output": sep.join(names)})
+                rows.append({"id": f"{rec['id']}-copy", "lang": lang, "task": "COPY",
+                             "instruction": COPY_INSTRUCTIONS[lang], "input": rec["text"],
+                             "output": sep.join(names)})
+        out += rows
     return out
 
 
