@@ -268,7 +268,9 @@ def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples")
         for rec in _fresh_records(lang, seed + 7, data):
             if len(rows) >= k:
                 break
-            names = sorted({e["text"] for e in rec["entities"] if e["type"] != "time"},
+            # dict, not set: a set's order changes with the hash seed, and names that
+            # start at the same place ("Harrowgate", "Harrowgate Institute") would swap
+            names = sorted(dict.fromkeys(e["text"] for e in rec["entities"] if e["type"] != "time"),
                            key=rec["text"].find)
             if names:
                 rows.append({"id": f"{rec['id']}-copy", "lang": lang, "task": "COPY",

@@ -147,6 +147,15 @@ def test_copy_instructions_list_fresh_names_in_order():
         instruct.build_mix(100, copy_share=1.5)
 
 
+def test_copy_instructions_do_not_depend_on_the_hash_seed():
+    code = ("import json; from knowlm_nb import instruct; "
+            "print(json.dumps(instruct.copy_instructions(200, seed=3), ensure_ascii=False))")
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2", "3")}
+    assert len(outs) == 1 and len(json.loads(outs.pop())) == 200
+
+
 def test_substitute_names_renames_consistently():
     rec = {"id": "t", "lang": "en",
            "text": "Harrowgate Institute hired Ann Lee; Ann Lee moved to Harrowgate.",
