@@ -13,7 +13,9 @@ enough to read:
   truncation at ``cutoff_len`` is reported.
 * :func:`build_mix` - the five categories in KnowLM's proportions, scaled
   down; IE examples are fresh-name copies of the training sentences
-  (:func:`knowlm_nb.ie.substitute_names`), so the model must copy names.
+  (:func:`knowlm_nb.ie.substitute_names`), so the model must copy names;
+  :func:`name_maker` invents them from ordinary words (:class:`WordNames`)
+  or from random syllables.
 * :class:`MaskedCollator` - pads, and refuses a batch with no trainable
   target token (the original's "loss stuck at 0").
 * :func:`train_lora` - PEFT LoRA with the HF Trainer (8-bit base on GPU).
@@ -44,7 +46,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import ROOT, ie
-from .tiny import NameMaker, iter_jsonl
+from .tiny import NameMaker, ZooError, iter_jsonl
 
 IGNORE = -100
 
@@ -201,7 +203,164 @@ def mix_counts(total: int, weights: dict[str, float] | None = None) -> dict[str,
 TASK_WEIGHTS = {"NER": 3, "RE": 1, "EE": 1}
 
 
-def _fresh_records(lang: str, seed: int, data: Path):
+# Pieces of realistic-looking names. Held-out names look like "Harrowgate
+# Institute", "Port Elsin", "翼展智能": ordinary words and morphemes put
+# together. Names invented from random syllables ("Moweshex Sawym") are
+# made of rare byte pieces; a model tuned on those learns that a name is a
+# run of odd pieces and misses real-looking ones.
+_EN_SUFFIX = ["ton", "ford", "ley", "wick", "field", "well", "gate", "worth", "more", "by",
+              "dale", "brook", "stead", "hope", "wood", "mere", "holt", "bury", "ridge",
+              "haven", "shaw", "combe", "ham", "stone", "low", "moor"]
+_EN_HEAD = ["Port", "Lake", "Mount", "New", "North", "South", "East", "West", "Upper",
+            "Lower", "Old", "Saint", "Fort", "Glen"]
+_EN_PLACE_TAIL = ["Ridge", "Cove", "Point", "Hills", "Vale", "Valley", "Lane", "Wells", "Bay",
+                  "Harbour", "Mountains", "Falls", "Island", "Heights", "Crossing", "Springs"]
+_EN_ORG_TAIL = ["Systems", "Labs", "Group", "Institute", "Bank", "Foundation", "Works",
+                "Partners", "Holdings", "Media", "Trust", "Dairy", "Library", "Guild", "Homes",
+                "Marine", "Market", "Museum", "Project", "Line", "School", "Council", "Press",
+                "Studio", "Mills", "Energy", "Hospital", "Club", "Orchestra", "Ironworks",
+                "Aggregates", "Station", "Society", "Academy", "Airways", "Motors"]
+_EN_PRODUCT_TAIL = ["Pro", "One", "Mini", "Max", "Air", "Go", "Plus", "Lite"]
+_ZH_CHARS_EXTRA = list("澜溪岭漠源川峰岳磐坤鑫凌翼航沐舒脉宁苍梧桐槐桦枫柳梅松竹兰荷岚霞雾云星辰"
+                       "光影青蓝金银铜铁石玉河湖海港湾泉渊崖谷原野丘林森禾麦稻茗墨砚鸢鹭鹤雁")
+_ZH_INDUSTRY = ["科技", "智能", "医药", "化工", "物流", "咖啡", "茶业", "控股", "建材", "游戏",
+                "银行", "出版社", "家居", "设计", "置业", "建筑", "车队", "食品", "电子", "能源",
+                "传媒", "航空", "集团", "研究院", "基金会", "实验室", "有限公司", "大学"]
+_ZH_PLACE_TAILS = ["市", "县", "镇", "港", "湾", "山", "岛", "村", "区", "省", "河", "湖",
+                   "路", "关", "山脉", "街"]
+
+
+class WordNames(NameMaker):
+    """Fresh names built from ordinary words and morphemes, not random syllables.
+
+    ``words`` are lowercase English words (the sample corpus's) to build
+    from; ``banned_words`` never appear in an English name (use the words
+    that only the evaluation split's names contain). ``make`` has the
+    signature of :meth:`knowlm_nb.tiny.NameMaker.make`, so
+    :func:`knowlm_nb.ie.substitute_names` takes either.
+    """
+
+    def __init__(self, seed: int = 0, words: Iterable[str] = (), banned_words: Iterable[str] = ()):
+        super().__init__(seed)
+        banned = {w.lower() for w in banned_words}
+        self.words = sorted({w for w in words if w.isalpha() and w.isascii() and 3 <= len(w) <= 8
+                             and w.lower() not in banned})
+        if len(self.words) < 50:
+            raise InstructError(f"WordNames needs at least 50 usable words, got {len(self.words)}")
+        self.banned = banned
+
+        def allowed(pieces):
+            return [x for x in pieces if not set(x.lower().split()) & banned]
+
+        self.heads, self.place_tails = allowed(_EN_HEAD), allowed(_EN_PLACE_TAIL)
+        self.org_tails, self.product_tails = allowed(_EN_ORG_TAIL), allowed(_EN_PRODUCT_TAIL)
+        self.suffixes = _EN_SUFFIX
+
+    def _piece(self) -> str:
+        """One capitalised name word: a corpus word, a compound, or invented syllables."""
+        r = self.rng
+        for _ in range(20):
+            u = r.random()
+            if u < 0.2:
+                w = r.choice(self.words)
+            elif u < 0.7:
+                w = r.choice(self.words)[: r.randint(3, 6)] + r.choice(self.suffixes)
+            else:
+                w = self.word()
+            if w.lower() not in self.banned:
+                return w.title()
+        return self.word().title()
+
+    def make(self, kind: str, lang: str = "en") -> str:
+        r = self.rng
+        if kind not in self.KINDS:
+            raise ZooError(f"unknown name kind {kind!r}; valid: {list(self.KINDS)}")
+        if kind == "time":
+            return super().make(kind, lang)
+        if lang == "zh":
+            return self._make_zh(kind)
+        p = self._piece
+        if kind == "person":
+            last = p() if r.random() < 0.8 else f"{p()}-{p()}"
+            return f"{p()} {last}"
+        if kind == "location":
+            u = r.random()
+            if u < 0.4:
+                return p()
+            if u < 0.7:
+                return f"{r.choice(self.heads)} {p()}"
+            return f"{p()} {r.choice(self.place_tails)}"
+        if kind == "organization":
+            u = r.random()
+            if u < 0.55:
+                return f"{p()} {r.choice(self.org_tails)}"
+            if u < 0.75:
+                return f"{p()} {p()} {r.choice(self.org_tails)}"
+            if u < 0.9:
+                return f"{r.choice(self.org_tails)} of {p()}"
+            return f"{p()}-{p()}"
+        u = r.random()
+        if u < 0.4:
+            return f"{p()}-{r.randint(2, 99)}"
+        if u < 0.7:
+            return f"{p()} {r.choice(self.product_tails)}"
+        return p()
+
+    def _make_zh(self, kind: str) -> str:
+        from .tiny import _ZH_GIVEN, _ZH_SURNAMES
+
+        r = self.rng
+        chars = _ZH_GIVEN + _ZH_CHARS_EXTRA
+
+        def given(lo=1, hi=2):
+            return "".join(r.choice(chars) for _ in range(r.randint(lo, hi)))
+
+        if kind == "person":
+            return r.choice(_ZH_SURNAMES) + given()
+        if kind == "location":
+            return given(1, 3) + r.choice(_ZH_PLACE_TAILS)
+        if kind == "organization":
+            return given(2, 3) + r.choice(_ZH_INDUSTRY)
+        u = r.random()
+        if u < 0.5:
+            return given(2, 3)
+        if u < 0.8:
+            return given(2, 3) + r.choice(["Pro", "X", "一号", "二代"])
+        return given(1, 2) + r.choice("XYZ") + str(r.randint(2, 99))
+
+
+def _name_words(data: Path) -> tuple[list[str], set[str]]:
+    """(words of the English sample corpus, words only the held-out names contain)."""
+    import re
+
+    words: set[str] = set()
+    seen: set[str] = set()  # every word of the corpus and of the training sentences
+    for path in sorted((data / "corpus").glob("en_*.jsonl")):
+        for _, rec in iter_jsonl(path):
+            text = rec.get("text", "")
+            words |= set(re.findall(r"(?<![A-Za-z])[a-z]+(?![A-Za-z])", text))
+            seen |= {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
+    train, evaluation = ie.split_records("en", data)
+    seen |= {w.lower() for rec in train for w in re.findall(r"[A-Za-z]+", rec["text"])}
+    held = {w.lower() for rec in evaluation for n in ie.names_of(rec)
+            for w in re.findall(r"[A-Za-z]+", n)}
+    return sorted(words), held - seen
+
+
+NAME_STYLES = ("words", "syllables")
+
+
+def name_maker(style: str, seed: int, data: Path = ROOT / "data_samples") -> NameMaker:
+    """The fresh-name generator of ``style``: ``words`` (:class:`WordNames`) or ``syllables``."""
+    if style == "syllables":
+        return NameMaker(seed)
+    if style == "words":
+        words, held_out = _name_words(data)
+        return WordNames(seed, words, held_out)
+    raise InstructError(f"unknown name style {style!r}; valid: {list(NAME_STYLES)}")
+
+
+def _fresh_records(lang: str, seed: int, data: Path, names: str = "words"):
     """The training records of ``lang`` forever: once as written, then with fresh names.
 
     A copy whose text contains a name of the evaluation split, even inside a
@@ -209,7 +368,7 @@ def _fresh_records(lang: str, seed: int, data: Path):
     """
     train, evaluation = ie.split_records(lang, data)
     banned = set().union(*(ie.names_of(r) for r in evaluation))
-    maker, rng = NameMaker(seed + (1 if lang == "zh" else 0)), random.Random(seed)
+    maker, rng = name_maker(names, seed + (1 if lang == "zh" else 0), data), random.Random(seed)
     order, first_pass = list(train), True
     while True:
         rng.shuffle(order)
@@ -226,19 +385,21 @@ def _fresh_records(lang: str, seed: int, data: Path):
 
 def fresh_ie_examples(lang: str, n: int, seed: int = 0,
                       data: Path = ROOT / "data_samples",
-                      task_weights: dict[str, float] | None = None) -> list[dict]:
+                      task_weights: dict[str, float] | None = None,
+                      names: str = "words") -> list[dict]:
     """``n`` IE instructions from the training sentences of ``lang``.
 
     Each sentence gives one example, of a task drawn by ``task_weights``
     among those it has annotations for (:data:`TASK_WEIGHTS` by default).
     The first pass uses each sentence as written; after that every copy gets
-    freshly invented names (:func:`knowlm_nb.ie.substitute_names`), never
-    one of the evaluation split's names.
+    freshly invented names (:func:`knowlm_nb.ie.substitute_names`) in the
+    style ``names`` (:func:`name_maker`), never one of the evaluation split's
+    names.
     """
     weights = TASK_WEIGHTS if task_weights is None else task_weights
     rng = random.Random(seed)
     out: list[dict] = []
-    for rec in _fresh_records(lang, seed, data):
+    for rec in _fresh_records(lang, seed, data, names):
         if len(out) >= n:
             break
         options = ie.to_instructions(rec)
@@ -253,7 +414,8 @@ COPY_INSTRUCTIONS = {
 }
 
 
-def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples") -> list[dict]:
+def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples",
+                      names: str = "words") -> list[dict]:
     """``n`` general instructions that are pure copying, half English, half Chinese.
 
     "List the names in the text in order": the input is a fresh-name copy of
@@ -265,17 +427,17 @@ def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples")
     for lang, k in (("en", n - n // 2), ("zh", n // 2)):
         sep = ", " if lang == "en" else "，"
         rows: list[dict] = []
-        for rec in _fresh_records(lang, seed + 7, data):
+        for rec in _fresh_records(lang, seed + 7, data, names):
             if len(rows) >= k:
                 break
             # dict, not set: a set's order changes with the hash seed, and names that
             # start at the same place ("Harrowgate", "Harrowgate Institute") would swap
-            names = sorted(dict.fromkeys(e["text"] for e in rec["entities"] if e["type"] != "time"),
+            found = sorted(dict.fromkeys(e["text"] for e in rec["entities"] if e["type"] != "time"),
                            key=rec["text"].find)
-            if names:
+            if found:
                 rows.append({"id": f"{rec['id']}-copy", "lang": lang, "task": "COPY",
                              "instruction": COPY_INSTRUCTIONS[lang], "input": rec["text"],
-                             "output": sep.join(names)})
+                             "output": sep.join(found)})
         out += rows
     return out
 
@@ -283,13 +445,15 @@ def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples")
 def build_mix(total: int, seed: int = 0, val_share: float = 0.05,
               weights: dict[str, float] | None = None,
               data: Path = ROOT / "data_samples",
-              copy_share: float = 0.0) -> tuple[list[dict], list[dict], dict]:
+              copy_share: float = 0.0,
+              names: str = "words") -> tuple[list[dict], list[dict], dict]:
     """(train, validation, counts): ``total`` examples in KnowLM's proportions.
 
     CoT, general and code examples are drawn in turn from the sample files
     (repeating them when the share asks for more); the two IE categories are
     fresh-name copies. ``copy_share`` of the general category are
-    :func:`copy_instructions` instead of repeats of the sample file. The
+    :func:`copy_instructions` instead of repeats of the sample file.
+    ``names`` is the style of the fresh names (:func:`name_maker`). The
     validation share is split off after shuffling.
     """
     if not 0 <= val_share < 1:
@@ -301,7 +465,7 @@ def build_mix(total: int, seed: int = 0, val_share: float = 0.05,
     rows: list[dict] = []
     for cat, n in counts.items():
         if cat.startswith("ie_"):
-            picked = fresh_ie_examples(cat[3:], n, seed, data)
+            picked = fresh_ie_examples(cat[3:], n, seed, data, names=names)
         else:
             n_copy = round(n * copy_share) if cat == "general" else 0
             pool = read_category(cat, data)
@@ -309,7 +473,7 @@ def build_mix(total: int, seed: int = 0, val_share: float = 0.05,
                 raise InstructError(f"no examples in category {cat!r}")
             rng.shuffle(pool)
             picked = [pool[i % len(pool)] for i in range(n - n_copy)]
-            picked += copy_instructions(n_copy, seed, data) if n_copy else []
+            picked += copy_instructions(n_copy, seed, data, names) if n_copy else []
         rows += [dict(r, category=cat) for r in picked]
     rng.shuffle(rows)
     n_val = int(len(rows) * val_share)
@@ -348,13 +512,18 @@ def load_base(path: str | Path, load_in_8bit: bool = False):
 
 
 def lora_model(model, r: int, alpha: int, dropout: float, target_modules: list[str],
-               load_in_8bit: bool = False):
-    """Wrap ``model`` with LoRA adapters (PEFT); only the adapters train."""
+               load_in_8bit: bool = False, modules_to_save: list[str] | None = None):
+    """Wrap ``model`` with LoRA adapters (PEFT); only the adapters train.
+
+    ``modules_to_save`` (e.g. ``["embed_tokens", "lm_head"]``) are trained
+    whole, beside the adapters, and saved with them.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if load_in_8bit:
         model = prepare_model_for_kbit_training(model)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                     modules_to_save=list(modules_to_save) if modules_to_save else None,
                      bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
@@ -529,14 +698,14 @@ def tune(base: Path, out: Path, profile: str = "tiny", max_steps: int | None = N
     steps = p["max_steps"] if max_steps is None else max_steps
     template = load_template(p["prompt_template"])
     train, val, counts = build_mix(p["mix_total"] if mix_total is None else mix_total, seed,
-                                   copy_share=p["copy_share"])
+                                   copy_share=p["copy_share"], names=p["fresh_names"])
     tok, model = load_base(base, p["load_in_8bit"])
     examples = eval_examples()
     _, before = evaluate_ner(model, tok, examples, template, p["max_new_tokens"])
     train_rows, stats = tokenize_all(tok, train, template, p["cutoff_len"], p["train_on_inputs"])
     val_rows, _ = tokenize_all(tok, val, template, p["cutoff_len"], p["train_on_inputs"])
     model = lora_model(model, p["lora_r"], p["lora_alpha"], p["lora_dropout"],
-                       p["target_modules"], p["load_in_8bit"])
+                       p["target_modules"], p["load_in_8bit"], p["modules_to_save"])
     result = train_lora(model, tok, train_rows, val_rows, out, p["learning_rate"], steps,
                         p["micro_batch"], p["grad_accum"], p["epochs"], p["warmup_steps"],
                         seed=seed, progress=progress)

@@ -1,6 +1,7 @@
 """Stage 03: templates, prompt masking, the no-target guard, the mix, adapters."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -127,6 +128,15 @@ def test_build_mix_proportions_split_and_fresh_names():
     assert tasks.count("RE") > 0.05 * len(tasks) and tasks.count("EE") > 0.05 * len(tasks)
     again = instruct.build_mix(2000, seed=1, val_share=0.1)
     assert again[0] == train  # deterministic
+    # names built from words: still no held-out name, and no word only held-out names have
+    words_train, _, _ = instruct.build_mix(1000, seed=1, val_share=0.0, names="words")
+    held_out_words = instruct.name_maker("words", 0).banned
+    for r in words_train:
+        if r["category"].startswith("ie_"):
+            assert not any(name in r["input"] for name in banned)
+            assert not {w.lower() for w in re.findall(r"[A-Za-z]+", r["input"])} & held_out_words
+    with pytest.raises(instruct.InstructError, match="name style"):
+        instruct.build_mix(100, names="emoji")
 
 
 def test_copy_instructions_list_fresh_names_in_order():
@@ -154,6 +164,35 @@ def test_copy_instructions_do_not_depend_on_the_hash_seed():
                            check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
             for seed in ("1", "2", "3")}
     assert len(outs) == 1 and len(json.loads(outs.pop())) == 200
+
+
+def test_word_names_look_like_names_and_avoid_held_out_words():
+    maker = instruct.name_maker("words", seed=4)
+    held_out = maker.banned
+    assert {"harrowgate", "pinwhistle", "stanhope"} <= held_out  # words only held-out names have
+    made = {kind: [maker.make(kind) for _ in range(300)] for kind in maker.KINDS}
+    for kind, names in made.items():
+        assert len(set(names)) > (0.3 if kind == "time" else 0.9) * len(names), kind
+        for name in names:
+            assert not {w.lower() for w in re.findall(r"[A-Za-z]+", name)} & held_out, name
+    # built from ordinary words: far more of their words are, or start with, a corpus word
+    syllables = tiny.NameMaker(4)
+    corpus = set(maker.words) | {t.lower() for t in instruct._EN_ORG_TAIL + instruct._EN_PLACE_TAIL}
+
+    def corpus_share(names):
+        parts = [w.lower() for n in names for w in re.findall(r"[A-Za-z]+", n)]
+        return sum(any(w[:k] in corpus for k in range(3, len(w) + 1)) for w in parts) / len(parts)
+    for kind in ("person", "location", "organization", "product"):
+        assert corpus_share(made[kind]) > corpus_share([syllables.make(kind) for _ in range(300)]) + 0.15, kind
+    words_org = made["organization"]
+    assert any(n.endswith(("Media", "Trust", "Dairy")) for n in words_org)
+    zh = [maker.make("organization", "zh") for _ in range(200)]
+    assert all(not n[0].isascii() for n in zh) and len(set(zh)) > 180
+    again = instruct.name_maker("words", seed=4)
+    assert [again.make(kind) for kind in maker.KINDS for _ in range(300)] == \
+        [n for kind in maker.KINDS for n in made[kind]]  # a seed gives the same names
+    with pytest.raises(instruct.InstructError, match="name style"):
+        instruct.name_maker("emoji", 0)
 
 
 def test_substitute_names_renames_consistently():
@@ -226,6 +265,19 @@ def test_repeat_rate_counts_exact_copies_only(monkeypatch):
         instruct.repeat_rate(None, tok, [])
 
 
+def _reloads_to_the_same_logits(model, tok, base_dir, adapter_dir):
+    """Load ``adapter_dir`` on a fresh base: the logits must equal the trained model's."""
+    ids = tok(["Name 3"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        want = model(**ids).logits
+    _, loaded = instruct.load_adapter(base_dir, adapter_dir)
+    with torch.no_grad():
+        got = loaded(**ids).logits
+    torch.testing.assert_close(got, want)
+    return loaded
+
+
 def test_adapter_is_saved_non_empty_and_loads_back_to_the_same_outputs(tok_and_model, tmp_path):
     zoo, tok, _ = tok_and_model
     _, base = instruct.load_base(zoo.model_dir)
@@ -250,15 +302,28 @@ def test_adapter_is_saved_non_empty_and_loads_back_to_the_same_outputs(tok_and_m
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not empty
     curves = instruct.loss_curves(res["history"])
     assert len(curves["train"]) >= 1 and len(curves["validation"]) == 2
-    ids = tok(["Name 3"], return_tensors="pt")
-    model.eval()
-    with torch.no_grad():
-        want = model(**ids).logits
-    _, loaded = instruct.load_adapter(zoo.model_dir, tmp_path / "adapter")
-    with torch.no_grad():
-        got = loaded(**ids).logits
-    torch.testing.assert_close(got, want)
+    _reloads_to_the_same_logits(model, tok, zoo.model_dir, tmp_path / "adapter")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no scratch left
+
+
+def test_modules_to_save_train_whole_and_come_back_with_the_adapter(tok_and_model, tmp_path):
+    zoo, tok, _ = tok_and_model
+    _, base = instruct.load_base(zoo.model_dir)
+    head_before = base.lm_head.weight.detach().clone()
+    n_whole = base.get_input_embeddings().weight.numel() + head_before.numel()
+    model = instruct.lora_model(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                modules_to_save=["embed_tokens", "lm_head"])
+    n_lora = 2 * 2 * (4 * 64 + 64 * 4)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n_lora + n_whole
+    t = instruct.load_template("alpaca_short")
+    ex = [{"instruction": "Repeat the name.", "input": f"Name {i}", "output": f"Name {i}"} for i in range(8)]
+    rows, _ = instruct.tokenize_all(tok, ex, t, cutoff_len=64)
+    res = instruct.train_lora(model, tok, rows, [], tmp_path / "adapter", learning_rate=1e-2,
+                              max_steps=2, micro_batch=4, warmup_steps=0, progress=False)
+    assert res["adapter_bytes"] >= 4 * (n_lora + n_whole)  # the whole embeddings and head are saved
+    loaded = _reloads_to_the_same_logits(model, tok, zoo.model_dir, tmp_path / "adapter")
+    trained_head = loaded.base_model.model.lm_head.modules_to_save["default"].weight
+    assert not torch.equal(trained_head, head_before)  # the head was trained, not only wrapped
 
 
 def test_missing_base_or_adapter_is_named(tmp_path, tok_and_model):

@@ -100,10 +100,11 @@ def test_02_recorded_figures():
 
 def test_03_recorded_figures():
     f = recorded("03")
-    # measured on 2 cores with the 4-stage base: exact F1 0.00 -> 0.15 (en 0.21, zh 0.10),
-    # partial 0.22, type 0.52, well-formed 0.60 (the 2-stage base gave 0.10, zh 0.04-0.06)
+    # measured on 2 cores, shipped base, names from words + embeddings and head trained:
+    # exact F1 0.00 -> 0.21 / 0.19 (seeds 0 / 1; syllable names and LoRA only: 0.15 / 0.16)
     assert f["f1_before"] < 0.02                                   # the base cannot extract yet
-    assert f["f1_after"] > f["f1_before"] + 0.08                   # tuning taught it, on unseen names
+    assert f["f1_after"] > f["f1_before"] + 0.12                   # tuning taught it, on unseen names
+    assert f["f1_after_seen_shapes"] > f["f1_after"]               # new sentences are the harder part
     assert f["f1_after_zh"] > 0.03                                 # Chinese names too
     # the base copies most held-out names when asked (measured 0.82 / 0.89)
     assert f["base_repeat_en"] > 0.6 and f["base_repeat_zh"] > 0.6
@@ -111,4 +112,5 @@ def test_03_recorded_figures():
     assert f["type_f1_after"] > max(0.3, f["f1_after"])            # types are learned before names
     assert f["well_formed_after"] > 0.4                            # it learned the answer format
     assert f["final_val_loss"] < 2.0
-    assert 100_000 < f["trainable_parameters"] < 2_000_000         # LoRA: a fraction of 3.6M
+    # LoRA (557k) + the embeddings and the head trained whole (2 x 512k): under half of 3.65M
+    assert 1_000_000 < f["trainable_parameters"] < 1_800_000
