@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import ROOT, ie
-from .tiny import NameMaker, ZooError, iter_jsonl
+from .tiny import _ZH_GIVEN, _ZH_SURNAMES, NameMaker, ZooError, iter_jsonl
 
 IGNORE = -100
 
@@ -203,11 +203,11 @@ def mix_counts(total: int, weights: dict[str, float] | None = None) -> dict[str,
 TASK_WEIGHTS = {"NER": 3, "RE": 1, "EE": 1}
 
 
-# Pieces of realistic-looking names. Held-out names look like "Harrowgate
-# Institute", "Port Elsin", "翼展智能": ordinary words and morphemes put
-# together. Names invented from random syllables ("Moweshex Sawym") are
-# made of rare byte pieces; a model tuned on those learns that a name is a
-# run of odd pieces and misses real-looking ones.
+# Pieces of realistic-looking names. Real names are ordinary words and
+# morphemes put together ("Stanhope Media", "Port Elsin", "远航科技"), while
+# names of random syllables ("Moweshex Sawym") all have one odd shape; a
+# model tuned on those learns that shape as "a name". WordNames keeps out
+# every piece that only the held-out names contain (see name_maker).
 _EN_SUFFIX = ["ton", "ford", "ley", "wick", "field", "well", "gate", "worth", "more", "by",
               "dale", "brook", "stead", "hope", "wood", "mere", "holt", "bury", "ridge",
               "haven", "shaw", "combe", "ham", "stone", "low", "moor"]
@@ -235,12 +235,15 @@ class WordNames(NameMaker):
 
     ``words`` are lowercase English words (the sample corpus's) to build
     from; ``banned_words`` never appear in an English name (use the words
-    that only the evaluation split's names contain). ``make`` has the
-    signature of :meth:`knowlm_nb.tiny.NameMaker.make`, so
+    that only the evaluation split's names contain). Given ``zh_seen`` (text
+    the model may see: the Chinese corpus and training sentences), a Chinese
+    character or name ending is used only if it occurs in it. ``make`` has
+    the signature of :meth:`knowlm_nb.tiny.NameMaker.make`, so
     :func:`knowlm_nb.ie.substitute_names` takes either.
     """
 
-    def __init__(self, seed: int = 0, words: Iterable[str] = (), banned_words: Iterable[str] = ()):
+    def __init__(self, seed: int = 0, words: Iterable[str] = (), banned_words: Iterable[str] = (),
+                 zh_seen: str | None = None):
         super().__init__(seed)
         banned = {w.lower() for w in banned_words}
         self.words = sorted({w for w in words if w.isalpha() and w.isascii() and 3 <= len(w) <= 8
@@ -255,6 +258,12 @@ class WordNames(NameMaker):
         self.heads, self.place_tails = allowed(_EN_HEAD), allowed(_EN_PLACE_TAIL)
         self.org_tails, self.product_tails = allowed(_EN_ORG_TAIL), allowed(_EN_PRODUCT_TAIL)
         self.suffixes = _EN_SUFFIX
+
+        def seen(pieces):
+            return list(pieces) if zh_seen is None else [x for x in pieces if x in zh_seen]
+
+        self.zh_chars, self.zh_surnames = seen(dict.fromkeys(_ZH_GIVEN + _ZH_CHARS_EXTRA)), seen(_ZH_SURNAMES)
+        self.zh_industry, self.zh_place_tails = seen(_ZH_INDUSTRY), seen(_ZH_PLACE_TAILS)
 
     def _piece(self) -> str:
         """One capitalised name word: a corpus word, a compound, or invented syllables."""
@@ -307,20 +316,17 @@ class WordNames(NameMaker):
         return p()
 
     def _make_zh(self, kind: str) -> str:
-        from .tiny import _ZH_GIVEN, _ZH_SURNAMES
-
         r = self.rng
-        chars = _ZH_GIVEN + _ZH_CHARS_EXTRA
 
         def given(lo=1, hi=2):
-            return "".join(r.choice(chars) for _ in range(r.randint(lo, hi)))
+            return "".join(r.choice(self.zh_chars) for _ in range(r.randint(lo, hi)))
 
         if kind == "person":
-            return r.choice(_ZH_SURNAMES) + given()
+            return r.choice(self.zh_surnames) + given()
         if kind == "location":
-            return given(1, 3) + r.choice(_ZH_PLACE_TAILS)
+            return given(1, 3) + r.choice(self.zh_place_tails)
         if kind == "organization":
-            return given(2, 3) + r.choice(_ZH_INDUSTRY)
+            return given(2, 3) + r.choice(self.zh_industry)
         u = r.random()
         if u < 0.5:
             return given(2, 3)
@@ -329,8 +335,13 @@ class WordNames(NameMaker):
         return given(1, 2) + r.choice("XYZ") + str(r.randint(2, 99))
 
 
-def _name_words(data: Path) -> tuple[list[str], set[str]]:
-    """(words of the English sample corpus, words only the held-out names contain)."""
+def _name_vocabulary(data: Path) -> tuple[list[str], set[str], str]:
+    """What :class:`WordNames` builds from, and what it keeps out.
+
+    (words of the English sample corpus; words that only the held-out names
+    contain, in no training sentence and nowhere in the corpus; the Chinese
+    corpus and training sentences, where each Chinese piece must occur).
+    """
     import re
 
     words: set[str] = set()
@@ -344,7 +355,10 @@ def _name_words(data: Path) -> tuple[list[str], set[str]]:
     seen |= {w.lower() for rec in train for w in re.findall(r"[A-Za-z]+", rec["text"])}
     held = {w.lower() for rec in evaluation for n in ie.names_of(rec)
             for w in re.findall(r"[A-Za-z]+", n)}
-    return sorted(words), held - seen
+    zh_seen = [rec.get("text", "") for path in sorted((data / "corpus").glob("zh_*.jsonl"))
+               for _, rec in iter_jsonl(path)]
+    zh_seen += [rec["text"] for rec in ie.split_records("zh", data)[0]]
+    return sorted(words), held - seen, "\n".join(zh_seen)
 
 
 NAME_STYLES = ("words", "syllables")
@@ -355,8 +369,8 @@ def name_maker(style: str, seed: int, data: Path = ROOT / "data_samples") -> Nam
     if style == "syllables":
         return NameMaker(seed)
     if style == "words":
-        words, held_out = _name_words(data)
-        return WordNames(seed, words, held_out)
+        words, held_out, zh_seen = _name_vocabulary(data)
+        return WordNames(seed, words, held_out, zh_seen)
     raise InstructError(f"unknown name style {style!r}; valid: {list(NAME_STYLES)}")
 
 

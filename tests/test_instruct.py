@@ -188,6 +188,15 @@ def test_word_names_look_like_names_and_avoid_held_out_words():
     assert any(n.endswith(("Media", "Trust", "Dairy")) for n in words_org)
     zh = [maker.make("organization", "zh") for _ in range(200)]
     assert all(not n[0].isascii() for n in zh) and len(set(zh)) > 180
+    # Chinese: no character and no name ending that only held-out names contain
+    train_zh, eval_zh = ie.split_records("zh")
+    visible = "".join(r["text"] for p in sorted((ROOT / "data_samples" / "corpus").glob("zh_*.jsonl"))
+                      for _, r in tiny.iter_jsonl(p)) + "".join(r["text"] for r in train_zh)
+    held_only = {c for r in eval_zh for n in ie.names_of(r) for c in n} - set(visible)
+    assert {"磐", "翼", "鸢"} <= held_only
+    zh_all = [maker.make(kind, "zh") for kind in maker.KINDS for _ in range(300)]
+    assert not set("".join(zh_all)) & held_only
+    assert "医药" not in "".join(zh_all) and "医药" not in visible  # an ending only held-out names use
     again = instruct.name_maker("words", seed=4)
     assert [again.make(kind) for kind in maker.KINDS for _ in range(300)] == \
         [n for kind in maker.KINDS for n in made[kind]]  # a seed gives the same names
