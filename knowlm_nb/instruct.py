@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -333,6 +334,10 @@ class WordNames(NameMaker):
         return given(1, 2) + r.choice("XYZ") + str(r.randint(2, 99))
 
 
+def _latin_words(text: str) -> set[str]:
+    return {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
+
+
 def _name_vocabulary(data: Path) -> tuple[list[str], set[str], str]:
     """What :class:`WordNames` builds from, and what it keeps out.
 
@@ -340,19 +345,16 @@ def _name_vocabulary(data: Path) -> tuple[list[str], set[str], str]:
     contain, in no training sentence and nowhere in the corpus; the Chinese
     corpus and training sentences, where each Chinese piece must occur).
     """
-    import re
-
     words: set[str] = set()
     seen: set[str] = set()  # every word of the corpus and of the training sentences
     for path in sorted((data / "corpus").glob("en_*.jsonl")):
         for _, rec in iter_jsonl(path):
             text = rec.get("text", "")
             words |= set(re.findall(r"(?<![A-Za-z])[a-z]+(?![A-Za-z])", text))
-            seen |= {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
+            seen |= _latin_words(text)
     train, evaluation = ie.split_records("en", data)
-    seen |= {w.lower() for rec in train for w in re.findall(r"[A-Za-z]+", rec["text"])}
-    held = {w.lower() for rec in evaluation for n in ie.names_of(rec)
-            for w in re.findall(r"[A-Za-z]+", n)}
+    seen = seen.union(*(_latin_words(rec["text"]) for rec in train))
+    held = set().union(*(_latin_words(n) for rec in evaluation for n in ie.names_of(rec)))
     zh_seen = [rec.get("text", "") for path in sorted((data / "corpus").glob("zh_*.jsonl"))
                for _, rec in iter_jsonl(path)]
     zh_seen += [rec["text"] for rec in ie.split_records("zh", data)[0]]
