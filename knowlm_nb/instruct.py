@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from . import ROOT, ie
 from .tiny import _ZH_GIVEN, _ZH_SURNAMES, NameMaker, iter_jsonl
@@ -428,6 +428,39 @@ COPY_INSTRUCTIONS = {
 }
 
 
+def _names_in_order(rec: dict) -> list[str]:
+    """The record's names (times left out), once each, in the order the text has them."""
+    # dict, not set: a set's order changes with the hash seed, and names that
+    # start at the same place ("Harrowgate", "Harrowgate Institute") would swap
+    return sorted(dict.fromkeys(e["text"] for e in rec["entities"] if e["type"] != "time"),
+                  key=rec["text"].find)
+
+
+MENTION_CUES = {"en": (" Names mentioned: ", ", ", "."), "zh": ("文中提到的名字：", "、", "。")}
+
+
+def mention_lines(seed: int = 0, zh_share: float = 0.5,
+                  data: Path = ROOT / "data_samples") -> Iterator[str]:
+    """Endless pretraining lines: an IE *training* sentence, then its names in order.
+
+    "Marta Velling joined Harrowgate Institute. Names mentioned: Marta Velling,
+    Harrowgate Institute." The sentences are :func:`_fresh_records` copies
+    (as written once, then with fresh names, never a held-out one), so the
+    base practises finding and copying names inside real sentences. It is not
+    the NER answer format (no types, no prompt), so a base pretrained on it
+    still scores 0 before tuning. ``zh_share`` of the lines are Chinese.
+    """
+    records = {lang: _fresh_records(lang, seed + 100, data) for lang in ("en", "zh")}
+    rng = random.Random(seed)
+    while True:
+        lang = "zh" if rng.random() < zh_share else "en"
+        rec = next(records[lang])
+        found = _names_in_order(rec)
+        if found:
+            cue, sep, end = MENTION_CUES[lang]
+            yield rec["text"] + cue + sep.join(found) + end
+
+
 def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples",
                       names: str = "words") -> list[dict]:
     """``n`` general instructions that are pure copying, half English, half Chinese.
@@ -444,10 +477,7 @@ def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples",
         for rec in _fresh_records(lang, seed + 7, data, names):
             if len(rows) >= k:
                 break
-            # dict, not set: a set's order changes with the hash seed, and names that
-            # start at the same place ("Harrowgate", "Harrowgate Institute") would swap
-            found = sorted(dict.fromkeys(e["text"] for e in rec["entities"] if e["type"] != "time"),
-                           key=rec["text"].find)
+            found = _names_in_order(rec)
             if found:
                 rows.append({"id": f"{rec['id']}-copy", "lang": lang, "task": "COPY",
                              "instruction": COPY_INSTRUCTIONS[lang], "input": rec["text"],

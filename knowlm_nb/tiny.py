@@ -409,7 +409,9 @@ def _zh_copy_line(maker, clauses: list[str]) -> str:
 
 
 def copy_lines(n: int, seed: int = 0, words: list[str] | None = None,
-               zh_share: float = 0.0, clauses: list[str] | None = None) -> Iterator[str]:
+               zh_share: float = 0.0, clauses: list[str] | None = None,
+               sentences: Iterator[str] | None = None,
+               sentence_share: float = 0.0) -> Iterator[str]:
     """``n`` lines of copy-rich English text; every name freshly invented.
 
     Shares follow the measured recipe: 20% template sentences or word salad,
@@ -419,7 +421,9 @@ def copy_lines(n: int, seed: int = 0, words: list[str] | None = None,
     English-like and, one time in four, Chinese: copying is about token
     identity, whatever the script. ``zh_share`` of the lines are the same
     kinds in Chinese (:func:`zh_clauses` as filler), so the model also learns
-    how Chinese text is built from byte-level pieces.
+    how Chinese text is built from byte-level pieces. ``sentence_share`` of
+    the lines are taken from ``sentences`` instead (the last stage of the
+    shipped base uses :func:`knowlm_nb.instruct.mention_lines`).
     """
     maker = NameMaker(seed)
     r = maker.rng
@@ -437,7 +441,12 @@ def copy_lines(n: int, seed: int = 0, words: list[str] | None = None,
 
     if zh_share and clauses is None:
         clauses = zh_clauses()
+    if sentence_share and sentences is None:
+        raise ZooError("sentence_share > 0 needs a sentences iterator")
     for _ in range(n):
+        if sentence_share and r.random() < sentence_share:
+            yield next(sentences)
+            continue
         if zh_share and r.random() < zh_share:
             yield _zh_copy_line(maker, clauses)
             continue
@@ -533,7 +542,8 @@ def induction_probe(model, tokenizer, n: int = 24, seed: int = 12345) -> float:
 def pretrain_copy_base(model, tokenizer, steps: int = 1500, batch_size: int = 16,
                        block: int = 192, lr: float = 2e-3, warmup: int = 100,
                        seed: int = 0, probe_every: int = 100, repeat_share: float = 0.25,
-                       zh_share: float = 0.0, progress: bool = True, log=None) -> list[dict]:
+                       zh_share: float = 0.0, sentence_share: float = 0.0,
+                       progress: bool = True, log=None) -> list[dict]:
     """Pretrain ``model`` in place for copying; returns the history.
 
     Each batch is ``repeat_share`` rows of :func:`repeat_rows` and the rest
@@ -541,6 +551,8 @@ def pretrain_copy_base(model, tokenizer, steps: int = 1500, batch_size: int = 16
     clip 1.0, linear warmup then cosine. Every ``probe_every`` steps the
     history gets the training loss and the :func:`induction_probe`, which
     drops abruptly when copying appears; ``log`` (a callable) gets each entry.
+    ``sentence_share`` of the text lines are mention-recall lines over the IE
+    training sentences (:func:`knowlm_nb.instruct.mention_lines`).
     """
     import random
 
@@ -553,8 +565,14 @@ def pretrain_copy_base(model, tokenizer, steps: int = 1500, batch_size: int = 16
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, warmup, steps)
-    blocks = packed_blocks(tokenizer, copy_lines(10**9, seed, vocab_words(tokenizer), zh_share),
-                           block)
+    sentences = None
+    if sentence_share:
+        from .instruct import mention_lines  # stage 03's module: imported only when asked for
+
+        sentences = mention_lines(seed)
+    lines = copy_lines(10**9, seed, vocab_words(tokenizer), zh_share,
+                       sentences=sentences, sentence_share=sentence_share)
+    blocks = packed_blocks(tokenizer, lines, block)
     n_repeat = round(batch_size * repeat_share)
     history = [{"step": 0, "loss": None, "probe": induction_probe(model, tokenizer)}]
     running = []
@@ -588,8 +606,8 @@ def pretrain_copy_base(model, tokenizer, steps: int = 1500, batch_size: int = 16
 # initialisation, and the zoo says so.
 SHIPPED_BASE = ROOT / "data_samples" / "tiny_base"
 SHIPPED_RECIPE = "recipe.json"
-# Two stages, as the shipped base was made: the second, at a fresh learning
-# rate and on a fresh stream of lines, lets copying finish forming.
+# The stages the shipped base was made with: each continues the last at a fresh
+# learning rate and on a fresh stream of lines.
 COPY_STAGES = [
     {"steps": 3000, "batch_size": 16, "block": 192, "lr": 3e-3, "warmup": 100,
      "repeat_share": 0.25, "seed": 0},
@@ -603,6 +621,11 @@ COPY_STAGES = [
     # broken byte pieces; half the lines of this stage are Chinese.
     {"steps": 1000, "batch_size": 16, "block": 192, "lr": 1e-3, "warmup": 50,
      "repeat_share": 0.25, "seed": 3, "zh_share": 0.5},
+    # Copying a name out of a real sentence is harder than out of a template:
+    # half the lines of this stage are IE training sentences followed by their
+    # names ("... Names mentioned: A, B."), with fresh names, never a held-out one.
+    {"steps": 2000, "batch_size": 16, "block": 192, "lr": 1e-3, "warmup": 50,
+     "repeat_share": 0.25, "seed": 4, "zh_share": 0.5, "sentence_share": 0.5},
 ]
 
 
@@ -678,6 +701,8 @@ def model_card(info: dict) -> str:
     h = info["history"]
     def stage_line(i, r):
         zh = f", {r['zh_share']:.0%} Chinese lines" if r.get("zh_share") else ""
+        if r.get("sentence_share"):
+            zh += f", {r['sentence_share']:.0%} mention-recall lines over IE training sentences"
         return (f"- stage {i}: {r['steps']} steps of batch {r['batch_size']} × {r['block']} tokens "
                 f"({r['repeat_share']:.0%} repeat rows{zh}), AdamW lr {r['lr']}, {r['warmup']} "
                 f"warmup steps then cosine, data seed {r['seed']};")
@@ -697,11 +722,16 @@ A `LlamaForCausalLM` of {info['parameters']:,} parameters (hidden {info['dims'][
 {info['dims']['num_layers']} layers, {info['dims']['num_heads']} heads, MLP {info['dims']['intermediate_size']},
 untied embeddings) with the course's byte-level BPE tokenizer (vocabulary {info['vocab_size']}),
 stored as fp16 safetensors. Built by `knowlm_nb.tiny` from code, plus clauses of the
-Chinese sample corpus in `data_samples/corpus` as filler in the last stage. A quarter of each batch is random-token spans repeated 2-4 times
-(`tiny.repeat_rows`), the rest lines that `tiny.copy_lines` generates with freshly invented
-names (English-like, one in four Chinese); in the last stage half the lines are Chinese,
-with clauses of the sample corpus as filler. So it knows sentence templates, a little
-Chinese, and how to **copy a span from its context**, and no code or facts.
+Chinese sample corpus in `data_samples/corpus` (stages 4-5) and the IE *training*
+sentences of `data_samples/ie` (stage 5). A quarter of each batch is random-token spans
+repeated 2-4 times (`tiny.repeat_rows`), the rest lines that `tiny.copy_lines` generates
+with freshly invented names (English-like, one in four Chinese). In stages 4-5 half of
+those lines are Chinese, with clauses of the sample corpus as filler; in stage 5 half of
+all lines are instead an IE training sentence followed by its names in order
+("... Names mentioned: A, B."; `instruct.mention_lines`), the sentence with fresh names
+after its first use and never a name of the held-out evaluation split. So it knows
+sentence templates, a little Chinese, and how to **copy a span from its context**, also out
+of a real sentence, and no code or facts. It has never seen the NER answer format.
 
 Why it exists: extraction is copying names out of the input. A tiny model only learns
 that from a few thousand instructions if its base can already copy (induction heads);

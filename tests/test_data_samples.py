@@ -37,7 +37,7 @@ def test_total_size_is_small():
     files = [p for p in DATA.rglob("*") if p.is_file()]
     text = sum(p.stat().st_size for p in files if "tiny_base" not in p.parts)
     model = sum(p.stat().st_size for p in files if "tiny_base" in p.parts)
-    assert text < 2 * 2**20
+    assert text < 2.5 * 2**20
     assert 0 < model < 8 * 2**20  # 3.65M parameters in fp16 plus tokenizer and card
 
 

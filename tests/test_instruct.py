@@ -1,4 +1,5 @@
 """Stage 03: templates, prompt masking, the no-target guard, the mix, adapters."""
+import itertools
 import json
 import os
 import re
@@ -155,6 +156,28 @@ def test_copy_instructions_list_fresh_names_in_order():
     assert sum(r.get("task") == "COPY" for r in general) == round(counts["general"] * 0.5)
     with pytest.raises(instruct.InstructError, match="copy_share"):
         instruct.build_mix(100, copy_share=1.5)
+
+
+def test_mention_lines_list_names_of_training_sentences_never_held_out_ones():
+    lines = list(itertools.islice(instruct.mention_lines(seed=5), 1500))  # over 2 passes
+    banned = set().union(*(ie.names_of(r) for lang in ("en", "zh") for r in ie.split_records(lang)[1]))
+    train_texts = {r["text"] for lang in ("en", "zh") for r in ie.split_records(lang)[0]}
+    zh = 0
+    for line in lines:
+        lang = "zh" if "文中提到的名字：" in line else "en"
+        zh += lang == "zh"
+        cue, sep, end = instruct.MENTION_CUES[lang]
+        text, names = line.split(cue)
+        names = names.removesuffix(end).split(sep)
+        positions = [text.find(n) for n in names]
+        assert min(positions) >= 0 and positions == sorted(positions), line
+        assert not any(b in line for b in banned), line
+    assert 0.4 < zh / len(lines) < 0.6
+    # the first use of a sentence is as written, later ones have fresh names
+    as_written = sum(line.split(" Names mentioned: ")[0].split("文中提到的名字：")[0] in train_texts
+                     for line in lines)
+    assert 0.3 * len(lines) < as_written < 0.6 * len(lines)  # 644 sentences in one pass
+    assert list(itertools.islice(instruct.mention_lines(seed=5), 1500)) == lines
 
 
 def test_copy_instructions_do_not_depend_on_the_hash_seed():

@@ -100,13 +100,14 @@ def test_02_recorded_figures():
 
 def test_03_recorded_figures():
     f = recorded("03")
-    # measured on 2 cores, shipped base, names from words + embeddings and head trained:
-    # exact F1 0.00 -> 0.21 / 0.19 (seeds 0 / 1; syllable names and LoRA only: 0.15 / 0.16)
+    # measured on 2 cores, shipped base (stages 1-5), names from words + embeddings and head
+    # trained: exact F1 0.00 -> 0.31 (en 0.40, zh 0.21); the base of stages 1-4 gave 0.21 / 0.19
+    # (seeds 0 / 1) on the first, smaller held-out set, and 0.23 on this one
     assert f["f1_before"] < 0.02                                   # the base cannot extract yet
-    assert f["f1_after"] > f["f1_before"] + 0.12                   # tuning taught it, on unseen names
+    assert f["f1_after"] > f["f1_before"] + 0.22                   # tuning taught it, on unseen names
+    assert f["f1_after_en"] > 0.3 and f["f1_after_zh"] > 0.12      # in both languages
     assert f["f1_after_seen_shapes"] > f["f1_after"]               # new sentences are the harder part
-    assert f["f1_after_zh"] > 0.03                                 # Chinese names too
-    # the base copies most held-out names when asked (measured 0.82 / 0.89)
+    # the base copies most held-out names when asked (measured 0.90 / 0.78)
     assert f["base_repeat_en"] > 0.6 and f["base_repeat_zh"] > 0.6
     assert f["partial_f1_after"] >= f["f1_after"]                  # partial credit never lowers it
     assert f["type_f1_after"] > max(0.3, f["f1_after"])            # types are learned before names

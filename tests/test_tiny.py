@@ -201,6 +201,12 @@ def test_copy_lines_repeat_their_names_and_follow_the_recipe_shares():
     x = rep[len("Repeat after me: "):].split(". ")[0]
     assert rep.count(x) == 2
     assert list(tiny.copy_lines(50, seed=1)) == lines[:50]
+    # sentence_share takes that share of lines from the given sentences, and 0 changes nothing
+    mixed = list(tiny.copy_lines(2000, seed=1, sentences=iter(["S."] * 2000), sentence_share=0.5))
+    assert abs(mixed.count("S.") / len(mixed) - 0.5) < 0.04
+    assert list(tiny.copy_lines(50, seed=1, sentences=iter([]), sentence_share=0.0)) == lines[:50]
+    with pytest.raises(tiny.ZooError, match="sentences"):
+        next(tiny.copy_lines(5, seed=1, sentence_share=0.5))
 
 
 def test_induction_probe_separates_a_copying_model_from_an_untrained_one():
