@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import ROOT, ie
-from .tiny import _ZH_GIVEN, _ZH_SURNAMES, NameMaker, iter_jsonl
+from .tiny import _ZH_GIVEN, _ZH_SURNAMES, NameMaker, iter_jsonl, mention_recall
 
 IGNORE = -100
 
@@ -436,9 +436,6 @@ def _names_in_order(rec: dict) -> list[str]:
                   key=rec["text"].find)
 
 
-MENTION_CUES = {"en": (" Names mentioned: ", ", ", "."), "zh": ("文中提到的名字：", "、", "。")}
-
-
 def mention_lines(seed: int = 0, zh_share: float = 0.5,
                   data: Path = ROOT / "data_samples") -> Iterator[str]:
     """Endless pretraining lines: an IE *training* sentence, then its names in order.
@@ -457,8 +454,7 @@ def mention_lines(seed: int = 0, zh_share: float = 0.5,
         rec = next(records[lang])
         found = _names_in_order(rec)
         if found:
-            cue, sep, end = MENTION_CUES[lang]
-            yield rec["text"] + cue + sep.join(found) + end
+            yield mention_recall(rec["text"], found, lang)
 
 
 def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples",

@@ -378,6 +378,15 @@ def zh_clauses(data: Path = ROOT / "data_samples" / "corpus") -> list[str]:
     return out
 
 
+# Mention recall: a text, then the names it mentions in order (cue, separator, end).
+MENTION_CUES = {"en": (" Names mentioned: ", ", ", "."), "zh": ("文中提到的名字：", "、", "。")}
+
+
+def mention_recall(text: str, names: list[str], lang: str) -> str:
+    cue, sep, end = MENTION_CUES[lang]
+    return text + cue + sep.join(names) + end
+
+
 def _zh_copy_line(maker, clauses: list[str]) -> str:
     """One Chinese line of the six kinds :func:`copy_lines` makes, names freshly invented."""
     r = maker.rng
@@ -405,7 +414,7 @@ def _zh_copy_line(maker, clauses: list[str]) -> str:
         return f"{a}住在{b}。{clause()}。{a}住在哪里？{b}。"
     names = [name() for _ in range(r.randint(1, 3))]
     body = "，".join(f"{clause()}{x}" for x in names)
-    return f"{body}。文中提到的名字：{'、'.join(names)}。"
+    return mention_recall(f"{body}。", names, "zh")
 
 
 def copy_lines(n: int, seed: int = 0, words: list[str] | None = None,
@@ -479,7 +488,7 @@ def copy_lines(n: int, seed: int = 0, words: list[str] | None = None,
         else:
             names = [maker.any() for _ in range(r.randint(1, 3))]
             body = " ".join(f"{filler(r.randint(2, 5))} {x}" for x in names)
-            yield f"{body}. Names mentioned: {', '.join(names)}."
+            yield mention_recall(f"{body}.", names, "en")
 
 
 def packed_blocks(tokenizer, lines: Iterable[str], block: int) -> Iterator[list[int]]:

@@ -166,7 +166,7 @@ def test_mention_lines_list_names_of_training_sentences_never_held_out_ones():
     for line in lines:
         lang = "zh" if "文中提到的名字：" in line else "en"
         zh += lang == "zh"
-        cue, sep, end = instruct.MENTION_CUES[lang]
+        cue, sep, end = tiny.MENTION_CUES[lang]
         text, names = line.split(cue)
         names = names.removesuffix(end).split(sep)
         positions = [text.find(n) for n in names]
