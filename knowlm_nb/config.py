@@ -106,6 +106,8 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
         "load_in_8bit": bool,
         "train_on_inputs": bool,
         "max_new_tokens": int,
+        "num_beams": int,
+        "copy_constrained": bool,
     },
     "04": {
         "base_model": str,

@@ -23,6 +23,9 @@ enough to read:
   padding, an attention mask, a token cap and a cut at the first EOS, scored
   with :func:`knowlm_nb.ie.score_ner`; :func:`repeat_rate` checks whether the
   base can copy the held-out names at all.
+* :func:`ner_copy_constraint` - decoding that may only write type labels
+  and spans of the input (with ``num_beams``, beam search), reported beside
+  greedy.
 * :func:`copy_instructions` - optional copy-style general instructions
   ("list the names in order"), ``copy_share`` of the general category.
 
@@ -659,17 +662,22 @@ def load_adapter(base_dir: str | Path, adapter_dir: str | Path):
 # ------------------------------------------------------------- generation
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-             batch_size: int = 16) -> list[str]:
-    """Greedy completions of ``prompts``, batched.
+             batch_size: int = 16, constraint=None, num_beams: int = 1) -> list[str]:
+    """Greedy (or ``num_beams`` beam-search) completions of ``prompts``, batched.
 
     Left padding with an attention mask keeps every prompt's last token next
     to its first generated one; ``max_new_tokens`` caps a run-away answer;
-    the text is cut at the first EOS.
+    the text is cut at the first EOS. ``constraint``, if given, is called
+    as ``constraint(first_prompt_index, padded_width)`` for each batch and
+    returns the ``prefix_allowed_tokens_fn`` for it
+    (:func:`ner_copy_constraint`).
     """
     import torch
 
     if max_new_tokens < 1:
         raise InstructError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if num_beams < 1:
+        raise InstructError(f"num_beams must be positive, got {num_beams}")
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outs: list[str] = []
@@ -677,17 +685,204 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+            width = enc["input_ids"].shape[1]
+            extra = {"prefix_allowed_tokens_fn": constraint(i, width)} if constraint else {}
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                                     num_beams=num_beams, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, **extra)
+            for row in gen[:, width:].tolist():
                 if tokenizer.eos_token_id in row:
                     row = row[:row.index(tokenizer.eos_token_id)]
                 outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     finally:
         tokenizer.padding_side = side
     return outs
+
+
+# ------------------------------------------------- copy-constrained decoding
+
+def _whole_characters(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _NerGrammar:
+    """Byte-level automaton of an NER answer whose entities are copied from the input.
+
+    ``(label, span), (label, span)`` or the NONE word: a label is one of
+    ``labels``, a span is a non-empty run of the input's bytes without
+    parentheses that starts and ends on a whole character, and no (label,
+    span) pair comes twice. A state is a tuple;
+    :meth:`feed` returns the state after some bytes, or None if they leave
+    the grammar.
+    """
+
+    def __init__(self, source: str, labels: Iterable[str], none_word: str):
+        self.source = source.encode("utf-8")
+        self.heads = [f"{x}, ".encode("utf-8") for x in labels]
+        self.none = none_word.encode("utf-8")
+
+    START = ("start", b"", b"", frozenset())
+
+    def feed(self, state, data: bytes):
+        mode, label, got, done = state
+        for b in data:
+            ch = bytes((b,))
+            if mode == "start":
+                if ch == b" ":  # one space may lead (a SentencePiece "▁(" has it)
+                    if got:
+                        return None
+                    got = ch
+                    continue
+                mode, got = ("label", b"") if ch == b"(" else ("none", ch)
+                if mode == "none" and not self.none.startswith(got):
+                    return None
+            elif mode == "none":
+                got += ch
+                if not self.none.startswith(got):
+                    return None
+            elif mode == "label":
+                got += ch
+                if got in self.heads:
+                    mode, label, got = "span", got, b""
+                elif not any(h.startswith(got) for h in self.heads):
+                    return None
+            elif mode == "span":
+                if ch == b")":
+                    pair = (label, got.strip())
+                    if not pair[1] or pair in done or not _whole_characters(pair[1]):
+                        return None
+                    mode, got, done = "sep", b"", done | {pair}
+                elif ch == b"(" or got + ch not in self.source:
+                    return None
+                elif not got and 0x80 <= b < 0xC0:  # a span starts on a whole character
+                    return None
+                else:
+                    got += ch
+            else:  # "sep": after a pair, only ", (" may follow
+                got += ch
+                if got == b", (":
+                    mode, got = "label", b""
+                elif not b", (".startswith(got):
+                    return None
+        return mode, label, got, done
+
+    def next_bytes(self, state) -> set[int]:
+        """The bytes that may follow ``state`` (a superset; :meth:`feed` decides)."""
+        mode, _, got, _ = state
+        if mode == "start":
+            return {ord("("), self.none[0]} | (set() if got else {ord(" ")})
+        if mode == "none":
+            return {self.none[len(got)]} if len(got) < len(self.none) else set()
+        if mode == "label":
+            return {h[len(got)] for h in self.heads if h.startswith(got) and len(h) > len(got)}
+        if mode == "sep":
+            return {b", ("[len(got)]} if len(got) < 3 else set()
+        if not got:
+            return {b for b in self.source if not 0x80 <= b < 0xC0} - {ord("("), ord(")")}
+        src, n, found, at = self.source, len(got), {ord(")")}, self.source.find(got)
+        while at != -1 and at + n < len(src):  # "span": what follows each place it occurs
+            found.add(src[at + n])
+            at = src.find(got, at + 1)
+        return found
+
+    def complete(self, state) -> bool:
+        mode, _, got, _ = state
+        return (mode == "sep" and not got) or (mode == "none" and got == self.none)
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _sentencepiece_bytes(token: str) -> bytes:
+    """A SentencePiece token's bytes: "▁" is a space, "<0xE5>" one raw byte."""
+    m = _BYTE_TOKEN.fullmatch(token)
+    return bytes((int(m.group(1), 16),)) if m else token.replace("\u2581", " ").encode("utf-8")
+
+
+def _token_bytes_function(tokenizer):
+    """token string -> the bytes it stands for, for byte-level BPE (GPT-2, our
+    tiny zoo) and SentencePiece (LLaMA) tokenizers."""
+    from .tiny import _byte_level_bytes
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and "ByteLevel" in repr(backend.decoder):
+        return _byte_level_bytes
+    return _sentencepiece_bytes
+
+
+def _byte_trie(vocab: Iterable[tuple[int, bytes]]):
+    """The tokens' bytes as a trie: a node is (children by byte, token ids ending here)."""
+    root: tuple[dict, list] = ({}, [])
+    for token_id, data in vocab:
+        node = root
+        for b in data:
+            node = node[0].setdefault(b, ({}, []))
+        node[1].append(token_id)
+    return root
+
+
+def _viable_tokens(grammar: _NerGrammar, state, node, out: list[int]) -> list[int]:
+    """Every token whose bytes keep ``state`` inside the grammar (a walk of the trie)."""
+    children = node[0]
+    for b in grammar.next_bytes(state):
+        child = children.get(b)
+        after = None if child is None else grammar.feed(state, bytes((b,)))
+        if after is not None:
+            out.extend(child[1])
+            _viable_tokens(grammar, after, child, out)
+    return out
+
+
+def ner_copy_constraint(tokenizer, examples: list[dict]):
+    """A ``constraint`` for :func:`generate`: NER answers that copy their entities.
+
+    With it, decoding may only write a type label of the example's
+    language, a span of the example's ``input`` (byte for byte, ending on a
+    whole character) and the answer's punctuation, then EOS once an answer
+    is complete. The model still picks which span and which type, and when
+    to stop; it can no longer write a name the text does not contain, or
+    half a Chinese character. (Generative IE systems such as UIE keep their
+    outputs inside the schema the same way.) The allowed tokens are found by
+    walking a byte trie of the vocabulary, so only viable prefixes are tried.
+    """
+    specials = set(tokenizer.all_special_ids)
+    to_bytes = _token_bytes_function(tokenizer)
+    vocab = [(i, to_bytes(t)) for i, t in enumerate(tokenizer.convert_ids_to_tokens(
+        list(range(len(tokenizer))))) if i not in specials]
+    grammars = [_NerGrammar(ex["input"], [ie.label(t, ex["lang"]) for t in ie.ENTITY_TYPES],
+                            ie.NONE[ex["lang"]]) for ex in examples]
+    table, trie = dict(vocab), _byte_trie(vocab)
+    eos = tokenizer.eos_token_id
+
+    def factory(start: int, width: int):
+        states: dict[tuple, tuple] = {}  # (row, generated ids) -> grammar state
+
+        def allowed(row: int, ids) -> list[int]:
+            gen = tuple(ids[width:].tolist())
+            if eos in gen:
+                return [eos]
+            grammar = grammars[start + row]
+            state, last = states.get((row, gen[:-1])), table.get(gen[-1], b"") if gen else b""
+            if state is not None:  # one step on from the shorter prefix
+                state = grammar.feed(state, last)
+            else:
+                state = grammar.feed(grammar.START, b"".join(table.get(i, b"") for i in gen))
+            if state is None:  # cannot happen from inside the grammar; stop cleanly
+                return [eos]
+            states[row, gen] = state
+            ok = _viable_tokens(grammar, state, trie, [])
+            if grammar.complete(state):
+                ok.append(eos)
+            return ok or [eos]
+
+        return allowed
+
+    return factory
 
 
 def repeat_rate(model, tokenizer, names: list[str], batch_size: int = 32) -> float:
@@ -713,10 +908,16 @@ def eval_examples(langs: Iterable[str] = ("en", "zh"), task: str = "NER",
 
 
 def evaluate_ner(model, tokenizer, examples: list[dict], template: Template,
-                 max_new_tokens: int = 64, batch_size: int = 16) -> tuple[list[str], dict]:
-    """Generate an answer for each NER example and score it (exact, partial, type)."""
+                 max_new_tokens: int = 64, batch_size: int = 16,
+                 copy_constrained: bool = False, num_beams: int = 1) -> tuple[list[str], dict]:
+    """Generate an answer for each NER example and score it (exact, partial, type).
+
+    Greedy by default: the model alone. ``copy_constrained`` decodes with
+    :func:`ner_copy_constraint`, ``num_beams`` > 1 with beam search.
+    """
     prompts = [template.prompt(ex["instruction"], ex["input"]) for ex in examples]
-    preds = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    constraint = ner_copy_constraint(tokenizer, examples) if copy_constrained else None
+    preds = generate(model, tokenizer, prompts, max_new_tokens, batch_size, constraint, num_beams)
     scores = ie.score_ner(preds, examples)
     by_lang = {}
     for lang in sorted({ex["lang"] for ex in examples}):
@@ -750,7 +951,10 @@ def tune(base: Path, out: Path, profile: str = "tiny", max_steps: int | None = N
                         p["micro_batch"], p["grad_accum"], p["epochs"], p["warmup_steps"],
                         seed=seed, progress=progress)
     _, after = evaluate_ner(model, tok, examples, template, p["max_new_tokens"])
+    _, decoded = evaluate_ner(model, tok, examples, template, p["max_new_tokens"],
+                              copy_constrained=p["copy_constrained"], num_beams=p["num_beams"])
     return {"counts": counts, "tokenize": stats, "before": before, "after": after,
+            "after_decoded": decoded,
             "seconds": result["seconds"], "steps": result["steps"],
             "adapter_bytes": result["adapter_bytes"]}
 

@@ -284,6 +284,82 @@ def test_generate_batched_left_padding_matches_one_by_one(tok_and_model):
         instruct.generate(model, tok, prompts, max_new_tokens=0)
 
 
+
+def test_ner_grammar_takes_labels_and_copied_spans_only():
+    g = instruct._NerGrammar("Marta Velling joined Harrowgate Institute (HI) in 2019.",
+                             ["person", "organization", "time"], "NONE")
+    cases = {  # answer -> (still inside the grammar, a complete answer)
+        "(person, Marta Velling)": (True, True),
+        "(person, Marta Velling), (time, 2019)": (True, True),
+        "(person, Marta Vellin": (True, False),
+        "(person, Marta Velling),": (True, False),
+        "NONE": (True, True), "NO": (True, False),
+        "(organization, HI)": (True, True),
+        "(person, Marta Velling), (person, Marta Velling)": (False, False),  # a pair twice
+        "(persn, ": (False, False),  # not a label
+        "(time, 2020)": (False, False),  # not in the text
+        "(organization, (HI": (False, False), "(person, )": (False, False),
+        "(person, Marta Velling) x": (False, False),
+    }
+    for answer, (inside, complete) in cases.items():
+        state = g.feed(g.START, answer.encode())
+        assert (state is not None, state is not None and g.complete(state)) == (inside, complete), answer
+    zh = instruct._NerGrammar("2019年1月，武装分子袭击了涛雅港附近", ["人物", "地点", "时间"], "无")
+    assert zh.complete(zh.feed(zh.START, "(时间, 2019年1月), (地点, 涛雅港)".encode()))
+    assert zh.feed(zh.START, "(地点, 涛雅港口)".encode()) is None
+    # a broken character: the first two bytes of 港 are in the text, 港's start + 口's end is not
+    assert zh.feed(zh.START, "(地点, 涛雅".encode() + "港".encode()[:2]) is not None
+    assert zh.feed(zh.START, "(地点, 涛雅".encode() + "港".encode()[:2] + "口".encode()[2:]) is None
+    assert zh.feed(zh.START, "(地点, ".encode() + "涛".encode()[1:]) is None  # nor start inside one
+
+
+def test_copy_constrained_decoding_keeps_even_a_random_model_in_the_grammar(tok_and_model):
+    _, tok, model = tok_and_model
+    examples = instruct.eval_examples()[:4] + instruct.eval_examples(langs=("zh",))[:4]
+    template = instruct.load_template("alpaca_short")
+    cap = 40
+    free, free_scores = instruct.evaluate_ner(model, tok, examples, template, cap, batch_size=3)
+    held, scores = instruct.evaluate_ner(model, tok, examples, template, cap, batch_size=3,
+                                         copy_constrained=True, num_beams=3)
+    assert free_scores["well_formed"] == 0.0  # untrained: never the answer format on its own
+    for out, ex in zip(held, examples):
+        grammar = instruct._NerGrammar(ex["input"], [ie.label(t, ex["lang"]) for t in ie.ENTITY_TYPES],
+                                       ie.NONE[ex["lang"]])
+        # an answer cut by the cap may end inside a character, which decodes as U+FFFD
+        assert grammar.feed(grammar.START, out.rstrip("\ufffd").encode()) is not None, out
+        pairs, _ = ie.parse_ner(out)
+        assert all(name in ex["input"] for _, name in pairs), out
+    assert scores["predicted"] > 0  # pairs, not only NONE
+    with pytest.raises(instruct.InstructError, match="num_beams"):
+        instruct.generate(model, tok, ["x"], num_beams=0)
+
+
+def test_copy_constraint_allows_exactly_the_tokens_that_stay_in_the_grammar():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.SHIPPED_BASE)
+    examples = [{"input": "Marta Velling joined Harrowgate Institute in 2019.", "lang": "en"},
+                {"input": "远航科技于2022年3月收购翼展智能。", "lang": "zh"}]
+    allowed = instruct.ner_copy_constraint(tok, examples)(0, 0)
+    to_bytes = instruct._token_bytes_function(tok)
+    vocab = {i: to_bytes(t) for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok)))))
+             if i not in tok.all_special_ids}
+    for row, answer, complete in [(0, "", False), (0, "(per", False), (0, "(person, Mar", False),
+                                  (0, "(person, Marta Velling)", True), (0, "NONE", True),
+                                  (1, "(组织, 远航", False), (1, "(组织, 远航科技), (时间, 2022年3月)", True)]:
+        ids = torch.tensor(tok(answer, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        grammar = instruct._NerGrammar(examples[row]["input"],
+                                       [ie.label(t, examples[row]["lang"]) for t in ie.ENTITY_TYPES],
+                                       ie.NONE[examples[row]["lang"]])
+        state = grammar.feed(grammar.START, answer.encode())
+        brute = {i for i, data in vocab.items() if grammar.feed(state, data) is not None}
+        got = allowed(row, ids)
+        assert set(got) - {tok.eos_token_id} == brute, answer  # the trie walk misses none, adds none
+        assert (tok.eos_token_id in got) == complete, answer
+    assert tok.convert_tokens_to_ids("Ġthe") not in allowed(0, torch.tensor([], dtype=torch.long))
+    # once EOS is out, only EOS (the row is finished)
+    assert allowed(0, torch.tensor([tok.eos_token_id])) == [tok.eos_token_id]
+
 def test_repeat_rate_counts_exact_copies_only(monkeypatch):
     from transformers import AutoTokenizer
 
