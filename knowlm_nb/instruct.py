@@ -842,9 +842,9 @@ def ner_copy_constraint(tokenizer, examples: list[dict]):
     """A ``constraint`` for :func:`generate`: NER answers that copy their entities.
 
     With it, decoding may only write a type label of the example's
-    language, a span of the example's ``input`` (byte for byte, ending on a
-    whole character) and the answer's punctuation, then EOS once an answer
-    is complete. The model still picks which span and which type, and when
+    language, a span of the example's ``input`` (byte for byte, starting and
+    ending on a whole character) and the answer's punctuation, then EOS once
+    an answer is complete. The model still picks which span and which type, and when
     to stop; it can no longer write a name the text does not contain, or
     half a Chinese character. (Generative IE systems such as UIE keep their
     outputs inside the schema the same way.) The allowed tokens are found by
