@@ -728,6 +728,12 @@ class _NerGrammar:
 
     START = ("start", b"", b"", frozenset())
 
+    @classmethod
+    def for_example(cls, example: dict) -> "_NerGrammar":
+        """The grammar of an NER example's answer: its language's labels, its input."""
+        lang = example["lang"]
+        return cls(example["input"], [ie.label(t, lang) for t in ie.ENTITY_TYPES], ie.NONE[lang])
+
     def feed(self, state, data: bytes):
         mode, label, got, done = state
         for b in data:
@@ -854,8 +860,7 @@ def ner_copy_constraint(tokenizer, examples: list[dict]):
     to_bytes = _token_bytes_function(tokenizer)
     vocab = [(i, to_bytes(t)) for i, t in enumerate(tokenizer.convert_ids_to_tokens(
         list(range(len(tokenizer))))) if i not in specials]
-    grammars = [_NerGrammar(ex["input"], [ie.label(t, ex["lang"]) for t in ie.ENTITY_TYPES],
-                            ie.NONE[ex["lang"]]) for ex in examples]
+    grammars = [_NerGrammar.for_example(ex) for ex in examples]
     table, trie = dict(vocab), _byte_trie(vocab)
     eos = tokenizer.eos_token_id
 

@@ -323,8 +323,7 @@ def test_copy_constrained_decoding_keeps_even_a_random_model_in_the_grammar(tok_
                                          copy_constrained=True, num_beams=3)
     assert free_scores["well_formed"] == 0.0  # untrained: never the answer format on its own
     for out, ex in zip(held, examples):
-        grammar = instruct._NerGrammar(ex["input"], [ie.label(t, ex["lang"]) for t in ie.ENTITY_TYPES],
-                                       ie.NONE[ex["lang"]])
+        grammar = instruct._NerGrammar.for_example(ex)
         # an answer cut by the cap may end inside a character, which decodes as U+FFFD
         assert grammar.feed(grammar.START, out.rstrip("\ufffd").encode()) is not None, out
         pairs, _ = ie.parse_ner(out)
@@ -348,9 +347,7 @@ def test_copy_constraint_allows_exactly_the_tokens_that_stay_in_the_grammar():
                                   (0, "(person, Marta Velling)", True), (0, "NONE", True),
                                   (1, "(组织, 远航", False), (1, "(组织, 远航科技), (时间, 2022年3月)", True)]:
         ids = torch.tensor(tok(answer, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        grammar = instruct._NerGrammar(examples[row]["input"],
-                                       [ie.label(t, examples[row]["lang"]) for t in ie.ENTITY_TYPES],
-                                       ie.NONE[examples[row]["lang"]])
+        grammar = instruct._NerGrammar.for_example(examples[row])
         state = grammar.feed(grammar.START, answer.encode())
         brute = {i for i, data in vocab.items() if grammar.feed(state, data) is not None}
         got = allowed(row, ids)
