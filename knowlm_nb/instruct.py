@@ -821,6 +821,18 @@ def _token_bytes_function(tokenizer):
     return _sentencepiece_bytes
 
 
+def _vocabulary_bytes(tokenizer) -> dict[int, bytes]:
+    """token id -> its bytes, for every token but the special ones. Added
+    tokens (a vocabulary extension, such as whole Chinese characters) stand
+    for their own text; the others go through the tokenizer's byte map."""
+    specials = set(tokenizer.all_special_ids)
+    added = set(tokenizer.get_added_vocab().values())
+    to_bytes = _token_bytes_function(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return {i: t.encode("utf-8") if i in added else to_bytes(t)
+            for i, t in enumerate(tokens) if i not in specials}
+
+
 def _byte_trie(vocab: Iterable[tuple[int, bytes]]):
     """The tokens' bytes as a trie: a node is (children by byte, token ids ending here)."""
     root: tuple[dict, list] = ({}, [])
@@ -856,12 +868,9 @@ def ner_copy_constraint(tokenizer, examples: list[dict]):
     outputs inside the schema the same way.) The allowed tokens are found by
     walking a byte trie of the vocabulary, so only viable prefixes are tried.
     """
-    specials = set(tokenizer.all_special_ids)
-    to_bytes = _token_bytes_function(tokenizer)
-    vocab = [(i, to_bytes(t)) for i, t in enumerate(tokenizer.convert_ids_to_tokens(
-        list(range(len(tokenizer))))) if i not in specials]
+    table = _vocabulary_bytes(tokenizer)
     grammars = [_NerGrammar.for_example(ex) for ex in examples]
-    table, trie = dict(vocab), _byte_trie(vocab)
+    trie = _byte_trie(table.items())
     eos = tokenizer.eos_token_id
 
     def factory(start: int, width: int):

@@ -953,9 +953,7 @@ def ensure_inputs(cfg: config.Config, show: Callable[[str], None] = print) -> di
         p00 = config.notebook_params(config.BASE_PROFILE, "00")
         show(f"notebook 00's base model is missing: building it at tiny scale in {base.parent} "
              "(tiny.build_zoo)")
-        tiny.build_zoo(base.parent, corpus_glob=p00["corpus_glob"], seed=p00["seed"],
-                       vocab_size=p00["vocab_size"], min_frequency=p00["min_frequency"],
-                       verbose=False, **{k: p00[k] for k in tiny.MODEL_KEYS})
+        tiny.build_zoo(base.parent, verbose=False, **tiny.zoo_settings(p00))
         built["base_model"] = str(base)
     prefix = cfg.path("dataset_prefix")
     from . import indexed_dataset

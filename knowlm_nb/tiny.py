@@ -834,6 +834,14 @@ def recipe(corpus_glob: str, seed: int, vocab_size: int, min_frequency: int,
             "min_frequency": min_frequency, **{k: dims[k] for k in MODEL_KEYS}}
 
 
+ZOO_KEYS = ("corpus_glob", "seed", "vocab_size", "min_frequency", *MODEL_KEYS)
+
+
+def zoo_settings(params: dict) -> dict:
+    """:func:`build_zoo`'s settings out of notebook 00's parameters (a profile's or a run's)."""
+    return {k: params[k] for k in ZOO_KEYS}
+
+
 def build_zoo(out: Path, corpus_glob: str = "data_samples/corpus/*.jsonl", seed: int = 0,
               vocab_size: int = 2000, min_frequency: int = 2, force: bool = False,
               verbose: bool = True, use_shipped: bool = True, **dims) -> Zoo:
@@ -949,11 +957,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         p = config.notebook_params(args.profile, "00")
-        zoo = build_zoo(Path(args.out), corpus_glob=p["corpus_glob"],
-                        seed=p["seed"] if args.seed is None else args.seed,
-                        vocab_size=p["vocab_size"], min_frequency=p["min_frequency"],
-                        force=args.force, use_shipped=not args.pretrain_base,
-                        **{k: p[k] for k in MODEL_KEYS})
+        settings = zoo_settings(p) | ({} if args.seed is None else {"seed": args.seed})
+        zoo = build_zoo(Path(args.out), force=args.force, use_shipped=not args.pretrain_base,
+                        **settings)
         if args.pretrain_base:
             stages = None
             if args.steps is not None:

@@ -318,7 +318,7 @@ def test_copy_constrained_decoding_keeps_even_a_random_model_in_the_grammar(tok_
     examples = instruct.eval_examples()[:4] + instruct.eval_examples(langs=("zh",))[:4]
     template = instruct.load_template("alpaca_short")
     cap = 40
-    free, free_scores = instruct.evaluate_ner(model, tok, examples, template, cap, batch_size=3)
+    _, free_scores = instruct.evaluate_ner(model, tok, examples, template, cap, batch_size=3)
     held, scores = instruct.evaluate_ner(model, tok, examples, template, cap, batch_size=3,
                                          copy_constrained=True, num_beams=3)
     assert free_scores["well_formed"] == 0.0  # untrained: never the answer format on its own
@@ -333,16 +333,17 @@ def test_copy_constrained_decoding_keeps_even_a_random_model_in_the_grammar(tok_
         instruct.generate(model, tok, ["x"], num_beams=0)
 
 
-def test_copy_constraint_allows_exactly_the_tokens_that_stay_in_the_grammar():
+@pytest.mark.parametrize("added", [[], ["远", "航", "智能", "Marta"]])
+def test_copy_constraint_allows_exactly_the_tokens_that_stay_in_the_grammar(added):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny.SHIPPED_BASE)
+    tok.add_tokens(added)  # a vocabulary extension: added tokens stand for their own text
     examples = [{"input": "Marta Velling joined Harrowgate Institute in 2019.", "lang": "en"},
                 {"input": "远航科技于2022年3月收购翼展智能。", "lang": "zh"}]
     allowed = instruct.ner_copy_constraint(tok, examples)(0, 0)
-    to_bytes = instruct._token_bytes_function(tok)
-    vocab = {i: to_bytes(t) for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok)))))
-             if i not in tok.all_special_ids}
+    vocab = instruct._vocabulary_bytes(tok)
+    assert {vocab[tok.convert_tokens_to_ids(t)] for t in added} == {t.encode() for t in added}
     for row, answer, complete in [(0, "", False), (0, "(per", False), (0, "(person, Mar", False),
                                   (0, "(person, Marta Velling)", True), (0, "NONE", True),
                                   (1, "(组织, 远航", False), (1, "(组织, 远航科技), (时间, 2022年3月)", True)]:
