@@ -725,6 +725,8 @@ class _NerGrammar:
         self.source = source.encode("utf-8")
         self.heads = [f"{x}, ".encode("utf-8") for x in labels]
         self.none = none_word.encode("utf-8")
+        # the bytes a span may start with: a character's first byte, no parenthesis
+        self.span_starts = {b for b in self.source if not 0x80 <= b < 0xC0} - {ord("("), ord(")")}
 
     START = ("start", b"", b"", frozenset())
 
@@ -789,7 +791,7 @@ class _NerGrammar:
         if mode == "sep":
             return {b", ("[len(got)]} if len(got) < 3 else set()
         if not got:
-            return {b for b in self.source if not 0x80 <= b < 0xC0} - {ord("("), ord(")")}
+            return self.span_starts
         src, n, found, at = self.source, len(got), {ord(")")}, self.source.find(got)
         while at != -1 and at + n < len(src):  # "span": what follows each place it occurs
             found.add(src[at + n])

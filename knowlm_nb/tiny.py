@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -159,6 +160,7 @@ def _byte_level_bytes(token: str) -> bytes:
     return bytes(table[ch] for ch in token)
 
 
+@functools.cache  # built once: _byte_level_bytes runs for every token of a vocabulary
 def _byte_decoder() -> dict[str, int]:
     # GPT-2's reversible byte <-> printable character map used by ByteLevel
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
