@@ -162,7 +162,8 @@ def split_heldout(records: list[dict], other_texts: list[str], eval_share: float
 
 # ------------------------------------------------------- fresh-name copies
 
-def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES) -> dict:
+def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES,
+                     time_shape: bool = True) -> dict:
     """A copy of ``rec`` with every entity of ``types`` renamed, consistently.
 
     Each entity string gets a freshly invented one of the same type and
@@ -170,14 +171,17 @@ def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES) -> d
     text, entities, relation heads and tails, event arguments. Training on
     such copies teaches the model to *copy* names from the input, because no
     name repeats often enough to be memorised. Triggers and other arguments
-    (prices, numbers) are kept.
+    (prices, numbers) are kept. A time keeps its shape ("Tuesday" becomes
+    another weekday, "2021年" another year: ``maker.time_like``); with
+    ``time_shape=False`` it becomes one of ``maker.make``'s dates instead.
     """
     check_record(rec)
     lang = rec["lang"]
     mapping: dict[str, str] = {}
     for ent in rec.get("entities", []):
         if ent["type"] in types and ent["text"] not in mapping:
-            mapping[ent["text"]] = maker.make(ent["type"], lang)
+            mapping[ent["text"]] = (maker.time_like(ent["text"]) if time_shape and ent["type"] == "time"
+                                    else maker.make(ent["type"], lang))
     if not mapping:
         return dict(rec)
     # replace longest first through placeholders, so "Harrowgate" inside

@@ -305,6 +305,13 @@ _ORG_TAIL = ["Systems", "Labs", "Group", "Institute", "Bank", "Foundation", "Wor
 _PLACE_HEAD = ["Port", "Lake", "Mount", "New", "East", "West", "Fort", "Saint"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
            "September", "October", "November", "December"]
+_WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_SEASONS = ["spring", "summer", "autumn", "winter"]
+# a time's parts that time_like swaps for others of their kind: numbers, English
+# month, weekday and season words, Chinese weekdays (周六) and seasons (2025年春)
+_TIME_WORDS = {w.lower(): group for group in (_MONTHS, _WEEKDAYS, _SEASONS) for w in group}
+_TIME_PART = re.compile(r"(?P<number>\d+)|(?P<word>[A-Za-z]+)|(?P<zh_weekday>周[一二三四五六日天])"
+                        r"|(?P<zh_season>[春夏秋冬](?=季|天|$))|.", re.S)
 _FILLER = ("the a an of in on at to from with and but or so then later after before "
            "during while because every some many few old new big small red blue green "
            "quiet loud early late happy busy river garden market station window "
@@ -362,6 +369,36 @@ class NameMaker:
                 return f"{r.choice(_MONTHS)} {r.randint(1950, 2030)}"
             return f"{r.randint(1, 28)} {r.choice(_MONTHS)} {r.randint(1950, 2030)}"
         return f"{self.word().title()} {r.choice(['X', 'Pro', 'One', 'Mini', str(r.randint(2, 99))])}"
+
+    def time_like(self, old: str) -> str:
+        """A fresh time of the same shape as ``old``, in either language.
+
+        ``"Tuesday"`` -> another weekday, ``"2021"`` -> another year,
+        ``"14 July 2022"`` -> another day, month and year, ``"2023年4月12日"``
+        -> another date written the same way, ``"周六"`` -> ``"周二"``-like,
+        ``"2025年春"`` -> another year and season. Words that are not such
+        parts (``"mid-"``, ``"evening"``, ``"下月初"``) are kept. Real
+        sentences name times in many shapes; :meth:`make` has one per language.
+        """
+        r, out = self.rng, []
+        for m in _TIME_PART.finditer(old):
+            part, kind, after = m.group(), m.lastgroup, old[m.end():m.end() + 1]
+            if kind == "number":
+                if len(part) == 4:  # a year: keep the century's side of 1950
+                    part = str(r.randint(1950, 2030) if int(part) >= 1950 else r.randint(1800, 1949))
+                elif after == "月":
+                    part = str(r.randint(1, 12))
+                elif after in ("日", "号", " ", "") and int(part) <= 31:
+                    part = str(r.randint(1, 28))
+            elif kind == "word" and part.lower() in _TIME_WORDS:
+                new = r.choice(_TIME_WORDS[part.lower()])
+                part = new if part[0].isupper() else new.lower()
+            elif kind == "zh_weekday":
+                part = "周" + r.choice("一二三四五六日")
+            elif kind == "zh_season":
+                part = r.choice("春夏秋冬")
+            out.append(part)
+        return "".join(out)
 
     def any(self, lang: str | None = None) -> str:
         lang = lang or self.rng.choice(["en", "en", "en", "zh"])

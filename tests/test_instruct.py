@@ -243,6 +243,42 @@ def test_substitute_names_renames_consistently():
     assert new["relations"][0] == {"head": names[1], "relation": "works_for", "tail": names[0]}
 
 
+def test_substitute_names_keeps_a_time_s_shape_unless_told_not_to():
+    rec = {"id": "t", "lang": "zh", "text": "韩立冬周六在宁川开业，2023年4月12日扩建。",
+           "entities": [{"type": "person", "text": "韩立冬"}, {"type": "time", "text": "周六"},
+                        {"type": "location", "text": "宁川"}, {"type": "time", "text": "2023年4月12日"}],
+           "relations": [], "events": []}
+    for seed in range(20):
+        new = ie.substitute_names(rec, tiny.NameMaker(seed))
+        times = [e["text"] for e in new["entities"] if e["type"] == "time"]
+        assert re.fullmatch(r"周[一二三四五六日]", times[0]) and re.fullmatch(r"\d{4}年\d{1,2}月\d{1,2}日", times[1])
+        assert all(t in new["text"] for t in times)
+        dated = ie.substitute_names(rec, tiny.NameMaker(seed), time_shape=False)
+        assert all(re.fullmatch(r"\d{4}年\d{1,2}月", e["text"])
+                   for e in dated["entities"] if e["type"] == "time")
+
+
+def test_tuning_data_has_shaped_times_and_mention_lines_keep_dated_ones(monkeypatch):
+    # fresh tuning examples, after the first pass over the sentences: times in many shapes
+    fresh = instruct.fresh_ie_examples("zh", 1000, seed=0, task_weights={"NER": 1, "RE": 0, "EE": 0})
+    late = [p for ex in fresh[400:] for p in re.findall(r"\(时间, ([^)]*)\)", ex["output"])]
+    assert len(late) > 300
+    assert sum(bool(re.fullmatch(r"周[一二三四五六日]", t)) for t in late) > 0.05 * len(late)
+    assert sum(bool(re.fullmatch(r"\d{4}年", t)) for t in late) > 0.1 * len(late)
+    # the shipped base's fifth stage was built from NameMaker dates (recipe.json): the
+    # pretraining lines keep them, so the recipe still rebuilds that base
+    asked = []
+    real = instruct._fresh_records
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("time_shape", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(instruct, "_fresh_records", spy)
+    next(instruct.mention_lines(0))
+    assert asked == [False, False]
+
+
 # ---------------------------------------------------------------- scoring
 
 def test_score_ner_exact_partial_type_and_well_formed():

@@ -191,6 +191,38 @@ def test_name_maker_invents_many_distinct_names_per_kind_and_language():
         maker.make("animal")
 
 
+def _time_shape(text: str) -> str:
+    """A time with its swappable parts replaced by their kind: "14 July 2022" -> "# M #"."""
+    import re
+
+    text = re.sub(r"\d+", "#", text)
+    text = re.sub(r"周[一二三四五六日天]", "周D", text)
+    text = re.sub(r"[春夏秋冬](?=季|天|$)", "S", text)
+    kinds = {**{m.lower(): "M" for m in tiny._MONTHS}, **{d.lower(): "D" for d in tiny._WEEKDAYS},
+             **{s: "S" for s in tiny._SEASONS}}
+    return re.sub(r"[A-Za-z]+", lambda m: kinds.get(m.group().lower(), m.group()), text)
+
+
+def test_time_like_keeps_each_training_time_s_shape_and_is_fresh():
+    from knowlm_nb import ie
+
+    times = [e["text"] for lang in ("en", "zh") for rec in ie.split_records(lang)[0]
+             for e in rec["entities"] if e["type"] == "time"]
+    assert len(times) > 400 and {"Saturday", "2021", "周六", "2023年4月12日"} <= set(times)
+    maker = tiny.NameMaker(0)
+    fresh = [maker.time_like(t) for t in times]
+    assert [_time_shape(t) for t in fresh] == [_time_shape(t) for t in times]
+    assert sum(f != t for f, t in zip(fresh, times)) > 0.8 * len(times)
+    assert len(set(fresh)) > 0.6 * len(fresh)
+    again = tiny.NameMaker(0)
+    assert [again.time_like(t) for t in times] == fresh  # a seed, the same times
+    # the kept parts: a weekday stays a weekday, lower case stays lower case, a year keeps its side
+    assert maker.time_like("Sunday evening").endswith(" evening")
+    assert maker.time_like("spring 2025").split()[0] in tiny._SEASONS
+    assert all(int(maker.time_like("1872")) < 1950 for _ in range(50))
+    assert maker.time_like("下月初") == "下月初" and maker.time_like("春节") == "春节"
+
+
 def test_copy_lines_repeat_their_names_and_follow_the_recipe_shares():
     lines = list(tiny.copy_lines(4000, seed=1))
     share = lambda pred: sum(map(pred, lines)) / len(lines)  # noqa: E731
