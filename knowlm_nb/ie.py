@@ -163,7 +163,7 @@ def split_heldout(records: list[dict], other_texts: list[str], eval_share: float
 # ------------------------------------------------------- fresh-name copies
 
 def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES,
-                     time_shape: bool = True) -> dict:
+                     time_shape: bool = True, rename_inside: bool = True) -> dict:
     """A copy of ``rec`` with every entity of ``types`` renamed, consistently.
 
     Each entity string gets a freshly invented one of the same type and
@@ -174,6 +174,9 @@ def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES,
     (prices, numbers) are kept. A time keeps its shape ("Tuesday" becomes
     another weekday, "2021年" another year: ``maker.time_like``); with
     ``time_shape=False`` it becomes one of ``maker.make``'s dates instead.
+    A name inside a longer span (the argument "fans of Rookwood Athletic") is
+    renamed there too; with ``rename_inside=False`` only whole spans are, and
+    a record with such a span comes back unchanged (its check would fail).
     """
     check_record(rec)
     lang = rec["lang"]
@@ -187,16 +190,19 @@ def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES,
     # replace longest first through placeholders, so "Harrowgate" inside
     # "Harrowgate Institute" is not renamed twice
     order = sorted(mapping, key=len, reverse=True)
-    text = rec["text"]
-    for i, old in enumerate(order):
-        text = text.replace(old, f"\x00{i}\x00")
-    for i, old in enumerate(order):
-        text = text.replace(f"\x00{i}\x00", mapping[old])
 
-    def rename(span: str) -> str:
+    def swap(span: str) -> str:
+        for i, old in enumerate(order):
+            span = span.replace(old, f"\x00{i}\x00")
+        for i, old in enumerate(order):
+            span = span.replace(f"\x00{i}\x00", mapping[old])
+        return span
+
+    def whole(span: str) -> str:
         return mapping.get(span, span)
 
-    out = dict(rec, text=text,
+    rename = swap if rename_inside else whole
+    out = dict(rec, text=swap(rec["text"]),
                entities=[dict(e, text=rename(e["text"])) for e in rec.get("entities", [])],
                relations=[dict(r, head=rename(r["head"]), tail=rename(r["tail"]))
                           for r in rec.get("relations", [])],

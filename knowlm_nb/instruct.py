@@ -378,12 +378,14 @@ def name_maker(style: str, seed: int, data: Path = ROOT / "data_samples") -> Nam
 
 
 def _fresh_records(lang: str, seed: int, data: Path, names: str = "words",
-                   time_shape: bool = True):
+                   as_shipped_base: bool = False):
     """The training records of ``lang`` forever: once as written, then with fresh names.
 
     A copy whose text contains a name of the evaluation split, even inside a
-    longer invented name, is drawn again (up to five times). ``time_shape``:
-    see :func:`knowlm_nb.ie.substitute_names`.
+    longer invented name, is drawn again (up to five times).
+    ``as_shipped_base``: rename as the code that built the shipped base did
+    (times from ``NameMaker.make``, whole spans only; see
+    :func:`knowlm_nb.ie.substitute_names`).
     """
     train, evaluation = ie.split_records(lang, data)
     banned = set().union(*(ie.names_of(r) for r in evaluation))
@@ -394,7 +396,8 @@ def _fresh_records(lang: str, seed: int, data: Path, names: str = "words",
         for rec in order:
             if not first_pass:
                 for _ in range(5):
-                    new = ie.substitute_names(rec, maker, time_shape=time_shape)
+                    new = ie.substitute_names(rec, maker, time_shape=not as_shipped_base,
+                                              rename_inside=not as_shipped_base)
                     if not any(name in new["text"] for name in banned):
                         rec = new
                         break
@@ -451,11 +454,13 @@ def mention_lines(seed: int = 0, zh_share: float = 0.5,
     base practises finding and copying names inside real sentences. It is not
     the NER answer format (no types, no prompt), so a base pretrained on it
     still scores 0 before tuning. ``zh_share`` of the lines are Chinese.
-    Their times are :meth:`~knowlm_nb.tiny.NameMaker.make`'s dates, not
-    shape-keeping ones: the shipped base was built so, and this keeps its
-    recipe reproducible.
+    The sentences are renamed as they were when the shipped base was built
+    (``as_shipped_base``: times are :meth:`~knowlm_nb.tiny.NameMaker.make`'s
+    dates, and a sentence whose event argument holds a name keeps its
+    names), so its recipe still rebuilds it.
     """
-    records = {lang: _fresh_records(lang, seed + 100, data, time_shape=False) for lang in ("en", "zh")}
+    records = {lang: _fresh_records(lang, seed + 100, data, as_shipped_base=True)
+               for lang in ("en", "zh")}
     rng = random.Random(seed)
     while True:
         lang = "zh" if rng.random() < zh_share else "en"

@@ -271,12 +271,42 @@ def test_tuning_data_has_shaped_times_and_mention_lines_keep_dated_ones(monkeypa
     real = instruct._fresh_records
 
     def spy(*args, **kwargs):
-        asked.append(kwargs.get("time_shape", True))
+        asked.append(kwargs.get("as_shipped_base", False))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(instruct, "_fresh_records", spy)
     next(instruct.mention_lines(0))
-    assert asked == [False, False]
+    assert asked == [True, True]
+
+
+def test_mention_lines_are_still_the_lines_of_the_base_recipe():
+    """The fifth stage of COPY_STAGES (seed 4) trains on these lines. Their digest is pinned
+    so that a change to the fresh-name code, the IE sentences or the corpus words shows up
+    here: the shipped base's recipe would no longer rebuild it (rebuild and ship it anew, or
+    keep the old lines). Pinned 2026-12-01, equal to what commit 92a230b made."""
+    import hashlib
+
+    lines = list(itertools.islice(instruct.mention_lines(4), 2000))
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == \
+        "46ed36de31033498fc22b69895c0151f03c0673a951ed84b7128bae05c395a00"
+
+
+def test_substitute_names_renames_names_inside_longer_spans():
+    """An event argument such as "fans of Rookwood Athletic" holds a name; it is renamed
+    there too, so every training sentence gets fresh names (6 of 644 used to keep theirs)."""
+    for lang in ("en", "zh"):
+        train = ie.split_records(lang)[0]
+        inside = [r for r in train if any(n in a["text"] and n != a["text"] for ev in r["events"]
+                                          for a in ev["arguments"] for n in ie.names_of(r))]
+        assert len(inside) >= 3, lang
+        maker = tiny.NameMaker(0)
+        for rec in train:
+            new = ie.substitute_names(rec, maker)
+            ie.check_record(new)
+            assert new["text"] != rec["text"], rec["text"]
+            assert not any(n in new["text"] for n in ie.names_of(rec) if len(n) > 3), rec["text"]
+        kept = [r for r in inside if ie.substitute_names(r, maker, rename_inside=False) == r]
+        assert kept, "the whole-span renaming (shipped base) keeps such a record as written"
 
 
 # ---------------------------------------------------------------- scoring
