@@ -457,7 +457,7 @@ def mention_lines(seed: int = 0, zh_share: float = 0.5,
     The sentences are renamed as they were when the shipped base was built
     (``as_shipped_base``: times are :meth:`~knowlm_nb.tiny.NameMaker.make`'s
     dates, and a sentence whose event argument holds a name keeps its
-    names), so its recipe still rebuilds it.
+    names), so these lines stay the ones its fifth stage was trained on.
     """
     records = {lang: _fresh_records(lang, seed + 100, data, as_shipped_base=True)
                for lang in ("en", "zh")}

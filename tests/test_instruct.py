@@ -266,7 +266,7 @@ def test_tuning_data_has_shaped_times_and_mention_lines_keep_dated_ones(monkeypa
     assert sum(bool(re.fullmatch(r"周[一二三四五六日]", t)) for t in late) > 0.05 * len(late)
     assert sum(bool(re.fullmatch(r"\d{4}年", t)) for t in late) > 0.1 * len(late)
     # the shipped base's fifth stage was built from NameMaker dates (recipe.json): the
-    # pretraining lines keep them, so the recipe still rebuilds that base
+    # pretraining lines keep them, so they stay the lines that base was trained on
     asked = []
     real = instruct._fresh_records
 
