@@ -24,8 +24,9 @@ enough to read:
   with :func:`knowlm_nb.ie.score_ner`; :func:`repeat_rate` checks whether the
   base can copy the held-out names at all.
 * :func:`ner_copy_constraint` - decoding that may only write type labels
-  and spans of the input (with ``num_beams``, beam search), reported beside
-  greedy.
+  and spans of the input that cut no word (with ``num_beams``, beam search),
+  reported beside greedy; :func:`copy_errors` counts the names that break
+  those rules.
 * :func:`copy_instructions` - optional copy-style general instructions
   ("list the names in order"), ``copy_share`` of the general category.
 
@@ -44,6 +45,7 @@ import shutil
 import sys
 import tempfile
 import time
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -712,12 +714,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
 
 # ------------------------------------------------- copy-constrained decoding
 
-def _whole_characters(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+def _word_character(ch: str) -> bool:
+    """A letter or digit that sits inside a word: not CJK (wide), which has no word breaks."""
+    return ch.isalnum() and unicodedata.east_asian_width(ch) not in ("W", "F")
 
 
 class _NerGrammar:
@@ -725,18 +724,28 @@ class _NerGrammar:
 
     ``(label, span), (label, span)`` or the NONE word: a label is one of
     ``labels``, a span is a non-empty run of the input's bytes without
-    parentheses that starts and ends on a whole character, and no (label,
-    span) pair comes twice. A state is a tuple;
+    parentheses that starts and ends on a whole character and does not cut
+    a word (a run of letters and digits other than CJK ones, which have no
+    word breaks), and no (label, span) pair comes twice. A state is a tuple;
     :meth:`feed` returns the state after some bytes, or None if they leave
     the grammar.
     """
 
-    def __init__(self, source: str, labels: Iterable[str], none_word: str):
+    def __init__(self, source: str, labels: Iterable[str], none_word: str, whole_words: bool = True):
         self.source = source.encode("utf-8")
         self.heads = [f"{x}, ".encode("utf-8") for x in labels]
         self.none = none_word.encode("utf-8")
+        # byte offsets where a span may start or end: between two characters that
+        # are not both inside one word ("Philhar|monic" is no place to stop)
+        offsets = [0]
+        for ch in source:
+            offsets.append(offsets[-1] + len(ch.encode("utf-8")))
+        cuts = [k for k in range(1, len(source)) if whole_words
+                and _word_character(source[k - 1]) and _word_character(source[k])]
+        self.bounds = set(offsets) - {offsets[k] for k in cuts}
         # the bytes a span may start with: a character's first byte, no parenthesis
-        self.span_starts = {b for b in self.source if not 0x80 <= b < 0xC0} - {ord("("), ord(")")}
+        self.span_starts = {self.source[i] for i in self.bounds if i < len(self.source)} - {
+            ord("("), ord(")")}
 
     START = ("start", b"", b"", frozenset())
 
@@ -772,12 +781,10 @@ class _NerGrammar:
             elif mode == "span":
                 if ch == b")":
                     pair = (label, got.strip())
-                    if not pair[1] or pair in done or not _whole_characters(pair[1]):
+                    if not pair[1] or pair in done or not self._occurs(pair[1], whole=True):
                         return None
                     mode, got, done = "sep", b"", done | {pair}
-                elif ch == b"(" or got + ch not in self.source:
-                    return None
-                elif not got and 0x80 <= b < 0xC0:  # a span starts on a whole character
+                elif ch == b"(" or not self._occurs(got + ch):
                     return None
                 else:
                     got += ch
@@ -788,6 +795,15 @@ class _NerGrammar:
                 elif not b", (".startswith(got):
                     return None
         return mode, label, got, done
+
+    def _occurs(self, span: bytes, whole: bool = False) -> bool:
+        """``span`` occurs in the source from a span boundary (and, ``whole``, up to one)."""
+        at = self.source.find(span)
+        while at != -1:
+            if at in self.bounds and (not whole or at + len(span) in self.bounds):
+                return True
+            at = self.source.find(span, at + 1)
+        return False
 
     def next_bytes(self, state) -> set[int]:
         """The bytes that may follow ``state`` (a superset; :meth:`feed` decides)."""
@@ -873,10 +889,11 @@ def ner_copy_constraint(tokenizer, examples: list[dict]):
 
     With it, decoding may only write a type label of the example's
     language, a span of the example's ``input`` (byte for byte, starting and
-    ending on a whole character) and the answer's punctuation, then EOS once
-    an answer is complete. The model still picks which span and which type, and when
-    to stop; it can no longer write a name the text does not contain, or
-    half a Chinese character. (Generative IE systems such as UIE keep their
+    ending on a whole character and never inside a word) and the answer's
+    punctuation, then EOS once an answer is complete. The model still picks
+    which span and which type, and when to stop; it can no longer write a name
+    the text does not contain, half a Chinese character, or half a word
+    ("Ellesmere Philhar"). (Generative IE systems such as UIE keep their
     outputs inside the schema the same way.) The allowed tokens are found by
     walking a byte trie of the vocabulary, so only viable prefixes are tried.
     """
@@ -909,6 +926,26 @@ def ner_copy_constraint(tokenizer, examples: list[dict]):
         return allowed
 
     return factory
+
+
+def copy_errors(predictions: list[str], examples: list[dict]) -> dict[str, int]:
+    """Count the predicted NER names that are not copies of whole input spans.
+
+    ``{"pairs": all predicted pairs, "not_in_text": names the input does not
+    contain (invented), "cut_words": names that are in it only as part of a
+    word ("Philhar" of "Philharmonic")}``. Copy-constrained decoding
+    (:func:`ner_copy_constraint`) makes both 0.
+    """
+    counts = {"pairs": 0, "not_in_text": 0, "cut_words": 0}
+    for out, ex in zip(predictions, examples, strict=True):
+        grammar = _NerGrammar.for_example(ex)
+        for _, name in ie.parse_ner(out)[0]:
+            counts["pairs"] += 1
+            if name not in ex["input"]:
+                counts["not_in_text"] += 1
+            elif not grammar._occurs(name.encode("utf-8"), whole=True):
+                counts["cut_words"] += 1
+    return counts
 
 
 def repeat_rate(model, tokenizer, names: list[str], batch_size: int = 32) -> float:

@@ -377,6 +377,35 @@ def test_ner_grammar_takes_labels_and_copied_spans_only():
     assert zh.feed(zh.START, "(地点, 涛雅".encode() + "港".encode()[:2]) is not None
     assert zh.feed(zh.START, "(地点, 涛雅".encode() + "港".encode()[:2] + "口".encode()[2:]) is None
     assert zh.feed(zh.START, "(地点, ".encode() + "涛".encode()[1:]) is None  # nor start inside one
+    # a span does not cut a word: it starts and ends where a word does (or on a
+    # CJK character, which has no word breaks); whole_words=False allows the cut
+    en = "Nadia Sorel-Hahn played with the Ellesmere Philharmonic in 2021."
+    ww, cut = (instruct._NerGrammar(en, ["person", "organization", "time"], "NONE", whole_words=w)
+               for w in (True, False))
+    for answer, whole in [("(organization, Ellesmere Philharmonic)", True),
+                          ("(person, Hahn)", True), ("(time, 2021)", True),
+                          ("(organization, Ellesmere Philhar)", False), ("(person, adia Sorel)", False),
+                          ("(time, 202)", False)]:
+        assert (ww.feed(ww.START, answer.encode()) is not None) == whole, answer
+        assert cut.complete(cut.feed(cut.START, answer.encode())), answer
+    assert ww.feed(ww.START, b"(organization, Ellesmere Philhar") is not None  # on its way to a whole word
+    assert ww.feed(ww.START, b"(person, adia") is None
+    mixed = instruct._NerGrammar("银燕X73于2023年发布。", ["产品", "时间"], "无")
+    for answer, ok in [("(产品, 银燕X73)", True), ("(产品, 燕X73)", True), ("(时间, 2023)", True),
+                       ("(时间, 2023年)", True), ("(产品, 银燕X7)", False), ("(时间, 023年)", False)]:
+        assert (mixed.feed(mixed.START, answer.encode()) is not None) == ok, answer
+
+
+def test_copy_errors_count_invented_names_and_cut_words():
+    examples = [{"input": "Nadia Sorel-Hahn played with the Ellesmere Philharmonic in 2021.", "lang": "en"},
+                {"input": "银燕X73于2023年发布。", "lang": "zh"}]
+    preds = ["(person, Nadia Sorel-Hahn), (person, Hahn), (organization, Ellesmere Philhar), "
+             "(organization, Ellesmere Phil), (person, Nadia Sorel-Hahm), (time, 2021)",
+             "(产品, 燕X7), (时间, 2023年), (地点, 北京)"]
+    assert instruct.copy_errors(preds, examples) == {"pairs": 9, "not_in_text": 2, "cut_words": 3}
+    assert instruct.copy_errors(["NONE", "无"], examples) == {"pairs": 0, "not_in_text": 0, "cut_words": 0}
+    with pytest.raises(ValueError):
+        instruct.copy_errors(preds[:1], examples)  # one prediction per example
 
 
 def test_copy_constrained_decoding_keeps_even_a_random_model_in_the_grammar(tok_and_model):
