@@ -743,7 +743,7 @@ class _NerGrammar:
         cuts = [k for k in range(1, len(source)) if whole_words
                 and _word_character(source[k - 1]) and _word_character(source[k])]
         self.bounds = set(offsets) - {offsets[k] for k in cuts}
-        # the bytes a span may start with: a character's first byte, no parenthesis
+        # the bytes a span may start with: the first byte after a boundary, no parenthesis
         self.span_starts = {self.source[i] for i in self.bounds if i < len(self.source)} - {
             ord("("), ord(")")}
 
