@@ -32,6 +32,7 @@ def bench_chunking(argv: list[str]) -> dict:
     from transformers import AutoTokenizer
 
     from . import chunking, config, corpus, indexed_dataset, tiny
+    from .files import find_files
 
     ap = argparse.ArgumentParser(prog="python -m knowlm_nb.bench chunking")
     ap.add_argument("--max-len", type=int, default=256)
@@ -41,7 +42,7 @@ def bench_chunking(argv: list[str]) -> dict:
     tok_dir = ROOT / "runs" / "tiny" / config.ARTIFACTS["00"]["tokenizer"]
     if not (tok_dir / "tokenizer.json").is_file():
         tok_dir = tmp / "tokenizer"
-        files = tiny.corpus_files("data_samples/corpus/*.jsonl")
+        files = find_files("data_samples/corpus/*.jsonl")
         tiny.train_tokenizer(tiny.iter_texts(files)).save_pretrained(tok_dir)
     tok = AutoTokenizer.from_pretrained(tok_dir)
 

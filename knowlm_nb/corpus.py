@@ -48,7 +48,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import chunking, indexed_dataset, report, tiny
+from . import chunking, indexed_dataset
+from .files import FilesError, find_files, write_json
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 CODE_SUFFIXES = (".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".java", ".go", ".rs", ".sh")
@@ -95,8 +96,8 @@ def input_files(inputs: Iterable[str]) -> list[Path]:
     files: list[Path] = []
     for pattern in inputs:
         try:
-            found = tiny.corpus_files(str(pattern))
-        except tiny.ZooError:
+            found = find_files(str(pattern))
+        except FilesError:
             raise CorpusError(f"no files match {pattern!r}") from None
         files.extend(f for f in found if f not in files)
     return files
@@ -597,7 +598,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
         "tokens": blend["tokens"],
         "seconds": round(time.time() - t0, 2),
     }
-    report._atomic_write_json(Path(str(out_prefix) + ".stats.json"), stats)
+    write_json(Path(str(out_prefix) + ".stats.json"), stats)
     return stats
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import ROOT
-from .tiny import ZooError, iter_jsonl
+from .files import FilesError, iter_jsonl, write_jsonl
 
 ENTITY_TYPES = ["person", "location", "organization", "time", "product"]
 RELATIONS = ["born_in", "works_for", "founded_by", "located_in", "capital_of", "member_of",
@@ -162,28 +162,25 @@ def split_heldout(records: list[dict], other_texts: list[str], eval_share: float
 
 # ------------------------------------------------------- fresh-name copies
 
-def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES,
-                     time_shape: bool = True, rename_inside: bool = True) -> dict:
+def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES) -> dict:
     """A copy of ``rec`` with every entity of ``types`` renamed, consistently.
 
     Each entity string gets a freshly invented one of the same type and
-    language (``maker`` is a :class:`knowlm_nb.tiny.NameMaker`), everywhere:
+    language (``maker`` is a :class:`knowlm_nb.names.NameMaker`), everywhere:
     text, entities, relation heads and tails, event arguments. Training on
     such copies teaches the model to *copy* names from the input, because no
     name repeats often enough to be memorised. Triggers and other arguments
     (prices, numbers) are kept. A time keeps its shape ("Tuesday" becomes
-    another weekday, "2021年" another year: ``maker.time_like``); with
-    ``time_shape=False`` it becomes one of ``maker.make``'s dates instead.
-    A name inside a longer span (the argument "fans of Rookwood Athletic") is
-    renamed there too; with ``rename_inside=False`` only whole spans are, and
-    a record with such a span comes back unchanged (its check would fail).
+    another weekday, "2021年" another year: ``maker.time_like``). A name
+    inside a longer span (the argument "fans of Rookwood Athletic") is
+    renamed there too.
     """
     check_record(rec)
     lang = rec["lang"]
     mapping: dict[str, str] = {}
     for ent in rec.get("entities", []):
         if ent["type"] in types and ent["text"] not in mapping:
-            mapping[ent["text"]] = (maker.time_like(ent["text"]) if time_shape and ent["type"] == "time"
+            mapping[ent["text"]] = (maker.time_like(ent["text"]) if ent["type"] == "time"
                                     else maker.make(ent["type"], lang))
     if not mapping:
         return dict(rec)
@@ -198,15 +195,11 @@ def substitute_names(rec: dict, maker, types: Iterable[str] = ENTITY_TYPES,
             span = span.replace(f"\x00{i}\x00", mapping[old])
         return span
 
-    def whole(span: str) -> str:
-        return mapping.get(span, span)
-
-    rename = swap if rename_inside else whole
     out = dict(rec, text=swap(rec["text"]),
-               entities=[dict(e, text=rename(e["text"])) for e in rec.get("entities", [])],
-               relations=[dict(r, head=rename(r["head"]), tail=rename(r["tail"]))
+               entities=[dict(e, text=swap(e["text"])) for e in rec.get("entities", [])],
+               relations=[dict(r, head=swap(r["head"]), tail=swap(r["tail"]))
                           for r in rec.get("relations", [])],
-               events=[dict(ev, arguments=[dict(a, text=rename(a["text"])) for a in ev["arguments"]])
+               events=[dict(ev, arguments=[dict(a, text=swap(a["text"])) for a in ev["arguments"]])
                        for ev in rec.get("events", [])])
     try:
         check_record(out)  # a renamed span may have vanished inside another one
@@ -315,13 +308,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [rec for _, rec in iter_jsonl(path)]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _other_texts(data: Path) -> list[str]:
     other = [r["text"] for p in sorted((data / "corpus").glob("*.jsonl")) for r in _read_jsonl(p)]
     for name in ("cot", "general", "code"):
@@ -351,7 +337,7 @@ def build_samples(data: Path = ROOT / "data_samples", write: bool = True) -> dic
         files[f"ie/eval_{lang}.jsonl"] = [x for r in evaluation for x in to_instructions(r)]
     if write:
         for rel, rows in files.items():
-            _write_jsonl(data / rel, rows)
+            write_jsonl(data / rel, rows)
     return files
 
 
@@ -361,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.parse_args(argv)
     try:
         files = build_samples()
-    except (IEDataError, ZooError, OSError) as exc:
+    except (IEDataError, FilesError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for rel, rows in files.items():

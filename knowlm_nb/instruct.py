@@ -1,4 +1,4 @@
-"""Stage 03: LoRA instruction tuning for information extraction.
+"""Stage 03: LoRA instruction tuning for IE: templates, masking, the mix, training, NER evaluation.
 
 KnowLM's second stage tuned its pretrained model with LoRA on ~1.4M
 instructions in five categories. This module has the pieces, each small
@@ -13,22 +13,19 @@ enough to read:
   truncation at ``cutoff_len`` is reported.
 * :func:`build_mix` - the five categories in KnowLM's proportions, scaled
   down; IE examples are fresh-name copies of the training sentences
-  (:func:`knowlm_nb.ie.substitute_names`), so the model must copy names;
-  :func:`name_maker` invents them from ordinary words (:class:`WordNames`)
-  or from random syllables.
+  (:func:`knowlm_nb.names.fresh_records`), so the model must copy names;
+  :func:`knowlm_nb.names.name_maker` invents them from ordinary words or
+  from random syllables.
 * :class:`MaskedCollator` - pads, and refuses a batch with no trainable
   target token (the original's "loss stuck at 0").
 * :func:`train_lora` - PEFT LoRA with the HF Trainer (8-bit base on GPU).
-* :func:`generate` / :func:`evaluate_ner` - batched greedy decoding with left
-  padding, an attention mask, a token cap and a cut at the first EOS, scored
-  with :func:`knowlm_nb.ie.score_ner`; :func:`repeat_rate` checks whether the
+* :func:`evaluate_ner` - answers from :func:`knowlm_nb.decoding.generate`
+  (greedy, or beam search with the copy constraint
+  :func:`knowlm_nb.decoding.ner_copy_constraint`) scored with
+  :func:`knowlm_nb.ie.score_ner`; :func:`repeat_rate` checks whether the
   base can copy the held-out names at all.
-* :func:`ner_copy_constraint` - decoding that may only write type labels
-  and spans of the input that cut no word (with ``num_beams``, beam search),
-  reported beside greedy; :func:`copy_errors` counts the names that break
-  those rules.
-* :func:`copy_instructions` - optional copy-style general instructions
-  ("list the names in order"), ``copy_share`` of the general category.
+* :func:`load_base` / :func:`load_adapter` - a local base, and a saved
+  adapter on top of it.
 
 CLI (the notebook's script twin)::
 
@@ -38,21 +35,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import re
 import shutil
 import sys
-import tempfile
 import time
-import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import ROOT, ie
-from .tiny import _ZH_GIVEN, _ZH_SURNAMES, NameMaker, iter_jsonl, mention_recall
+from .decoding import generate, ner_copy_constraint
+from .files import atomic_dir, iter_jsonl
+from .names import NamesError, fresh_records
 
 IGNORE = -100
 
@@ -209,312 +204,41 @@ def mix_counts(total: int, weights: dict[str, float] | None = None) -> dict[str,
 TASK_WEIGHTS = {"NER": 3, "RE": 1, "EE": 1}
 
 
-# Pieces of realistic-looking names. Real names are ordinary words and
-# morphemes put together ("Stanhope Media", "Port Elsin", "远航科技"), while
-# names of random syllables ("Moweshex Sawym") all have one odd shape; a
-# model tuned on those learns that shape as "a name". WordNames keeps out
-# every piece that only the held-out names contain (see name_maker).
-_EN_SUFFIX = ["ton", "ford", "ley", "wick", "field", "well", "gate", "worth", "more", "by",
-              "dale", "brook", "stead", "hope", "wood", "mere", "holt", "bury", "ridge",
-              "haven", "shaw", "combe", "ham", "stone", "low", "moor"]
-_EN_HEAD = ["Port", "Lake", "Mount", "New", "North", "South", "East", "West", "Upper",
-            "Lower", "Old", "Saint", "Fort", "Glen"]
-_EN_PLACE_TAIL = ["Ridge", "Cove", "Point", "Hills", "Vale", "Valley", "Lane", "Wells", "Bay",
-                  "Harbour", "Mountains", "Falls", "Island", "Heights", "Crossing", "Springs"]
-_EN_ORG_TAIL = ["Systems", "Labs", "Group", "Institute", "Bank", "Foundation", "Works",
-                "Partners", "Holdings", "Media", "Trust", "Dairy", "Library", "Guild", "Homes",
-                "Marine", "Market", "Museum", "Project", "Line", "School", "Council", "Press",
-                "Studio", "Mills", "Energy", "Hospital", "Club", "Orchestra", "Ironworks",
-                "Aggregates", "Station", "Society", "Academy", "Airways", "Motors"]
-_EN_PRODUCT_TAIL = ["Pro", "One", "Mini", "Max", "Air", "Go", "Plus", "Lite"]
-_ZH_CHARS_EXTRA = list("澜溪岭漠源川峰岳磐坤鑫凌翼航沐舒脉宁苍梧桐槐桦枫柳梅松竹兰荷岚霞雾云星辰"
-                       "光影青蓝金银铜铁石玉河湖海港湾泉渊崖谷原野丘林森禾麦稻茗墨砚鸢鹭鹤雁")
-_ZH_INDUSTRY = ["科技", "智能", "医药", "化工", "物流", "咖啡", "茶业", "控股", "建材", "游戏",
-                "银行", "出版社", "家居", "设计", "置业", "建筑", "车队", "食品", "电子", "能源",
-                "传媒", "航空", "集团", "研究院", "基金会", "实验室", "有限公司", "大学"]
-_ZH_PLACE_TAILS = ["市", "县", "镇", "港", "湾", "山", "岛", "村", "区", "省", "河", "湖",
-                   "路", "关", "山脉", "街"]
-
-
-class WordNames(NameMaker):
-    """Fresh names built from ordinary words and morphemes, not random syllables.
-
-    ``words`` are lowercase English words (the sample corpus's) to build
-    from; ``banned_words`` never appear in an English name (use the words
-    that only the evaluation split's names contain). Given ``zh_seen`` (text
-    the model may see: the Chinese corpus and training sentences), a Chinese
-    character or name ending is used only if it occurs in it. ``make`` has
-    the signature of :meth:`knowlm_nb.tiny.NameMaker.make`, so
-    :func:`knowlm_nb.ie.substitute_names` takes either.
-    """
-
-    def __init__(self, seed: int = 0, words: Iterable[str] = (), banned_words: Iterable[str] = (),
-                 zh_seen: str | None = None):
-        super().__init__(seed)
-        banned = {w.lower() for w in banned_words}
-        self.words = sorted({w for w in words if w.isalpha() and w.isascii() and 3 <= len(w) <= 8
-                             and w.lower() not in banned})
-        if len(self.words) < 50:
-            raise InstructError(f"WordNames needs at least 50 usable words, got {len(self.words)}")
-        self.banned = banned
-
-        def allowed(pieces):
-            return [x for x in pieces if not set(x.lower().split()) & banned]
-
-        self.heads, self.place_tails = allowed(_EN_HEAD), allowed(_EN_PLACE_TAIL)
-        self.org_tails, self.product_tails = allowed(_EN_ORG_TAIL), allowed(_EN_PRODUCT_TAIL)
-        self.suffixes = _EN_SUFFIX
-
-        def seen(pieces):
-            return list(pieces) if zh_seen is None else [x for x in pieces if x in zh_seen]
-
-        self.zh_chars, self.zh_surnames = seen(dict.fromkeys(_ZH_GIVEN + _ZH_CHARS_EXTRA)), seen(_ZH_SURNAMES)
-        self.zh_industry, self.zh_place_tails = seen(_ZH_INDUSTRY), seen(_ZH_PLACE_TAILS)
-
-    def _piece(self) -> str:
-        """One capitalised name word: a corpus word, a compound, or invented syllables."""
-        r = self.rng
-        for _ in range(20):
-            u = r.random()
-            if u < 0.2:
-                w = r.choice(self.words)
-            elif u < 0.7:
-                w = r.choice(self.words)[: r.randint(3, 6)] + r.choice(self.suffixes)
-            else:
-                w = self.word()
-            if w.lower() not in self.banned:
-                return w.title()
-        return self.word().title()
-
-    def make(self, kind: str, lang: str = "en") -> str:
-        r = self.rng
-        if kind == "time" or kind not in self.KINDS:  # times as NameMaker's; it names a bad kind
-            return super().make(kind, lang)
-        if lang == "zh":
-            return self._make_zh(kind)
-        p = self._piece
-        if kind == "person":
-            last = p() if r.random() < 0.8 else f"{p()}-{p()}"
-            return f"{p()} {last}"
-        if kind == "location":
-            u = r.random()
-            if u < 0.4:
-                return p()
-            if u < 0.7:
-                return f"{r.choice(self.heads)} {p()}"
-            return f"{p()} {r.choice(self.place_tails)}"
-        if kind == "organization":
-            u = r.random()
-            if u < 0.55:
-                return f"{p()} {r.choice(self.org_tails)}"
-            if u < 0.75:
-                return f"{p()} {p()} {r.choice(self.org_tails)}"
-            if u < 0.9:
-                return f"{r.choice(self.org_tails)} of {p()}"
-            return f"{p()}-{p()}"
-        u = r.random()
-        if u < 0.4:
-            return f"{p()}-{r.randint(2, 99)}"
-        if u < 0.7:
-            return f"{p()} {r.choice(self.product_tails)}"
-        return p()
-
-    def _make_zh(self, kind: str) -> str:
-        r = self.rng
-
-        def given(lo=1, hi=2):
-            return "".join(r.choice(self.zh_chars) for _ in range(r.randint(lo, hi)))
-
-        if kind == "person":
-            return r.choice(self.zh_surnames) + given()
-        if kind == "location":
-            return given(1, 3) + r.choice(self.zh_place_tails)
-        if kind == "organization":
-            return given(2, 3) + r.choice(self.zh_industry)
-        u = r.random()
-        if u < 0.5:
-            return given(2, 3)
-        if u < 0.8:
-            return given(2, 3) + r.choice(["Pro", "X", "一号", "二代"])
-        return given(1, 2) + r.choice("XYZ") + str(r.randint(2, 99))
-
-
-def _latin_words(text: str) -> set[str]:
-    return {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
-
-
-def _name_vocabulary(data: Path) -> tuple[list[str], set[str], str]:
-    """What :class:`WordNames` builds from, and what it keeps out.
-
-    (words of the English sample corpus; words that only the held-out names
-    contain, in no training sentence and nowhere in the corpus; the Chinese
-    corpus and training sentences, where each Chinese piece must occur).
-    """
-    words: set[str] = set()
-    seen: set[str] = set()  # every word of the corpus and of the training sentences
-    for path in sorted((data / "corpus").glob("en_*.jsonl")):
-        for _, rec in iter_jsonl(path):
-            text = rec.get("text", "")
-            words |= set(re.findall(r"(?<![A-Za-z])[a-z]+(?![A-Za-z])", text))
-            seen |= _latin_words(text)
-    train, evaluation = ie.split_records("en", data)
-    seen = seen.union(*(_latin_words(rec["text"]) for rec in train))
-    held = set().union(*(_latin_words(n) for rec in evaluation for n in ie.names_of(rec)))
-    zh_seen = [rec.get("text", "") for path in sorted((data / "corpus").glob("zh_*.jsonl"))
-               for _, rec in iter_jsonl(path)]
-    zh_seen += [rec["text"] for rec in ie.split_records("zh", data)[0]]
-    return sorted(words), held - seen, "\n".join(zh_seen)
-
-
-NAME_STYLES = ("words", "syllables")
-
-
-def name_maker(style: str, seed: int, data: Path = ROOT / "data_samples") -> NameMaker:
-    """The fresh-name generator of ``style``: ``words`` (:class:`WordNames`) or ``syllables``."""
-    if style == "syllables":
-        return NameMaker(seed)
-    if style == "words":
-        words, held_out, zh_seen = _name_vocabulary(data)
-        return WordNames(seed, words, held_out, zh_seen)
-    raise InstructError(f"unknown name style {style!r}; valid: {list(NAME_STYLES)}")
-
-
-def _fresh_records(lang: str, seed: int, data: Path, names: str = "words",
-                   as_shipped_base: bool = False):
-    """The training records of ``lang`` forever: once as written, then with fresh names.
-
-    A copy whose text contains a name of the evaluation split, even inside a
-    longer invented name, is drawn again (up to five times).
-    ``as_shipped_base``: rename as the code that built the shipped base did
-    (times from ``NameMaker.make``, whole spans only; see
-    :func:`knowlm_nb.ie.substitute_names`).
-    """
-    train, evaluation = ie.split_records(lang, data)
-    banned = set().union(*(ie.names_of(r) for r in evaluation))
-    maker, rng = name_maker(names, seed + (1 if lang == "zh" else 0), data), random.Random(seed)
-    order, first_pass = list(train), True
-    while True:
-        rng.shuffle(order)
-        for rec in order:
-            if not first_pass:
-                for _ in range(5):
-                    new = ie.substitute_names(rec, maker, time_shape=not as_shipped_base,
-                                              rename_inside=not as_shipped_base)
-                    if not any(name in new["text"] for name in banned):
-                        rec = new
-                        break
-            yield rec
-        first_pass = False
-
-
 def fresh_ie_examples(lang: str, n: int, seed: int = 0,
-                      data: Path = ROOT / "data_samples",
-                      task_weights: dict[str, float] | None = None,
-                      names: str = "words") -> list[dict]:
+                      data: Path = ROOT / "data_samples", names: str = "words") -> list[dict]:
     """``n`` IE instructions from the training sentences of ``lang``.
 
-    Each sentence gives one example, of a task drawn by ``task_weights``
-    among those it has annotations for (:data:`TASK_WEIGHTS` by default).
-    The first pass uses each sentence as written; after that every copy gets
-    freshly invented names (:func:`knowlm_nb.ie.substitute_names`) in the
-    style ``names`` (:func:`name_maker`), never one of the evaluation split's
+    Each sentence gives one example, of a task drawn by :data:`TASK_WEIGHTS`
+    among those it has annotations for. The first pass uses each sentence as
+    written; after that every copy gets freshly invented names
+    (:func:`knowlm_nb.names.fresh_records`) in the style ``names``
+    (:func:`knowlm_nb.names.name_maker`), never one of the evaluation split's
     names.
     """
-    weights = TASK_WEIGHTS if task_weights is None else task_weights
     rng = random.Random(seed)
     out: list[dict] = []
-    for rec in _fresh_records(lang, seed, data, names):
+    for rec in fresh_records(lang, seed, data, names):
         if len(out) >= n:
             break
         options = ie.to_instructions(rec)
-        out.append(rng.choices(options, [weights.get(x["task"], 1) for x in options])[0])
-    return out
-
-
-COPY_INSTRUCTIONS = {
-    "en": "List the names in the text (people, places, organisations, products) in the order "
-          "they appear, separated by commas.",
-    "zh": "按出现顺序列出文中的名称（人名、地名、机构名、产品名），用逗号隔开。",
-}
-
-
-def _names_in_order(rec: dict) -> list[str]:
-    """The record's names (times left out), once each, in the order the text has them."""
-    # dict, not set: a set's order changes with the hash seed, and names that
-    # start at the same place ("Harrowgate", "Harrowgate Institute") would swap
-    return sorted(dict.fromkeys(e["text"] for e in rec["entities"] if e["type"] != "time"),
-                  key=rec["text"].find)
-
-
-def mention_lines(seed: int = 0, zh_share: float = 0.5,
-                  data: Path = ROOT / "data_samples") -> Iterator[str]:
-    """Endless pretraining lines: an IE *training* sentence, then its names in order.
-
-    "Marta Velling joined Harrowgate Institute. Names mentioned: Marta Velling,
-    Harrowgate Institute." The sentences are :func:`_fresh_records` copies
-    (as written once, then with fresh names, never a held-out one), so the
-    base practises finding and copying names inside real sentences. It is not
-    the NER answer format (no types, no prompt), so a base pretrained on it
-    still scores 0 before tuning. ``zh_share`` of the lines are Chinese.
-    The sentences are renamed as they were when the shipped base was built
-    (``as_shipped_base``: times are :meth:`~knowlm_nb.tiny.NameMaker.make`'s
-    dates, and a sentence whose event argument holds a name keeps its
-    names), so these lines stay the ones its fifth stage was trained on.
-    """
-    records = {lang: _fresh_records(lang, seed + 100, data, as_shipped_base=True)
-               for lang in ("en", "zh")}
-    rng = random.Random(seed)
-    while True:
-        lang = "zh" if rng.random() < zh_share else "en"
-        rec = next(records[lang])
-        found = _names_in_order(rec)
-        if found:
-            yield mention_recall(rec["text"], found, lang)
-
-
-def copy_instructions(n: int, seed: int = 0, data: Path = ROOT / "data_samples",
-                      names: str = "words") -> list[dict]:
-    """``n`` general instructions that are pure copying, half English, half Chinese.
-
-    "List the names in the text in order": the input is a fresh-name copy of
-    an IE training sentence, the answer its names (times left out), exactly
-    as written. Like KnowLM's general instructions of this kind, it is not
-    the NER answer format, so it teaches copying, not the task.
-    """
-    out: list[dict] = []
-    for lang, k in (("en", n - n // 2), ("zh", n // 2)):
-        sep = ", " if lang == "en" else "，"
-        rows: list[dict] = []
-        for rec in _fresh_records(lang, seed + 7, data, names):
-            if len(rows) >= k:
-                break
-            found = _names_in_order(rec)
-            if found:
-                rows.append({"id": f"{rec['id']}-copy", "lang": lang, "task": "COPY",
-                             "instruction": COPY_INSTRUCTIONS[lang], "input": rec["text"],
-                             "output": sep.join(found)})
-        out += rows
+        out.append(rng.choices(options, [TASK_WEIGHTS.get(x["task"], 1) for x in options])[0])
     return out
 
 
 def build_mix(total: int, seed: int = 0, val_share: float = 0.05,
               weights: dict[str, float] | None = None,
               data: Path = ROOT / "data_samples",
-              copy_share: float = 0.0,
               names: str = "words") -> tuple[list[dict], list[dict], dict]:
     """(train, validation, counts): ``total`` examples in KnowLM's proportions.
 
     CoT, general and code examples are drawn in turn from the sample files
     (repeating them when the share asks for more); the two IE categories are
-    fresh-name copies. ``copy_share`` of the general category are
-    :func:`copy_instructions` instead of repeats of the sample file.
-    ``names`` is the style of the fresh names (:func:`name_maker`). The
-    validation share is split off after shuffling.
+    fresh-name copies. ``names`` is the style of the fresh names
+    (:func:`knowlm_nb.names.name_maker`). The validation share is split off
+    after shuffling.
     """
     if not 0 <= val_share < 1:
         raise InstructError(f"val_share must be in [0, 1), got {val_share}")
-    if not 0 <= copy_share <= 1:
-        raise InstructError(f"copy_share must be in [0, 1], got {copy_share}")
     counts = mix_counts(total, weights)
     rng = random.Random(seed)
     rows: list[dict] = []
@@ -522,13 +246,11 @@ def build_mix(total: int, seed: int = 0, val_share: float = 0.05,
         if cat.startswith("ie_"):
             picked = fresh_ie_examples(cat[3:], n, seed, data, names=names)
         else:
-            n_copy = round(n * copy_share) if cat == "general" else 0
             pool = read_category(cat, data)
-            if not pool and n > n_copy:
+            if not pool and n:
                 raise InstructError(f"no examples in category {cat!r}")
             rng.shuffle(pool)
-            picked = [pool[i % len(pool)] for i in range(n - n_copy)]
-            picked += copy_instructions(n_copy, seed, data, names) if n_copy else []
+            picked = [pool[i % len(pool)] for i in range(n)]
         rows += [dict(r, category=cat) for r in picked]
     rng.shuffle(rows)
     n_val = int(len(rows) * val_share)
@@ -597,16 +319,15 @@ class _ListDataset:
 def train_lora(model, tokenizer, train_rows: list[dict], val_rows: list[dict], out: str | Path,
                learning_rate: float, max_steps: int, micro_batch: int, grad_accum: int = 1,
                epochs: float = 1.0, warmup_steps: int = 30, eval_steps: int = 100,
-               seed: int = 0, precision: str = "fp32", progress: bool = True,
-               group_by_length: bool = True) -> dict:
+               seed: int = 0, precision: str = "fp32", progress: bool = True) -> dict:
     """Train the LoRA ``model`` with the HF Trainer, save the adapter to ``out``.
 
-    ``max_steps`` > 0 wins over ``epochs``. ``group_by_length`` batches
-    examples of similar length together (the Trainer's length-grouped
-    sampler), so less of each batch is padding: on the ``tiny`` mix 24% fewer
-    token positions for the same examples. The adapter is written with
-    ``save_pretrained`` into a temporary folder and moved into place, so an
-    interrupted run leaves no half adapter. Returns the log history (training
+    ``max_steps`` > 0 wins over ``epochs``. Examples of similar length are
+    batched together (the Trainer's length-grouped sampler), so less of each
+    batch is padding: on the ``tiny`` mix 24% fewer token positions for the
+    same examples. The adapter is written with ``save_pretrained`` into a
+    scratch folder that replaces ``out`` whole (:func:`knowlm_nb.files.atomic_dir`),
+    so an interrupted run leaves no half adapter. Returns the log history (training
     and validation loss), the seconds and the adapter's size.
     """
     from transformers import Trainer, TrainingArguments
@@ -614,33 +335,27 @@ def train_lora(model, tokenizer, train_rows: list[dict], val_rows: list[dict], o
     if not train_rows:
         raise InstructError("no training examples")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    args = TrainingArguments(
-        output_dir=str(scratch / "trainer"), per_device_train_batch_size=micro_batch,
-        per_device_eval_batch_size=micro_batch, gradient_accumulation_steps=grad_accum,
-        learning_rate=learning_rate, max_steps=max_steps if max_steps > 0 else -1,
-        num_train_epochs=epochs, lr_scheduler_type="cosine", warmup_steps=warmup_steps,
-        weight_decay=0.0, logging_steps=max(1, min(25, eval_steps)),
-        eval_strategy="steps" if val_rows else "no", eval_steps=eval_steps,
-        save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-        train_sampling_strategy="group_by_length" if group_by_length else "random",
-        fp16=precision == "fp16", bf16=precision == "bf16", use_cpu=precision == "fp32" and
-        not _cuda(), disable_tqdm=not progress, remove_unused_columns=False,
-        dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(train_rows),
-                      eval_dataset=_ListDataset(val_rows) if val_rows else None,
-                      data_collator=MaskedCollator(tokenizer))
-    start = time.perf_counter()
-    try:
+    with atomic_dir(out) as scratch:
+        args = TrainingArguments(
+            output_dir=str(scratch / "trainer"), per_device_train_batch_size=micro_batch,
+            per_device_eval_batch_size=micro_batch, gradient_accumulation_steps=grad_accum,
+            learning_rate=learning_rate, max_steps=max_steps if max_steps > 0 else -1,
+            num_train_epochs=epochs, lr_scheduler_type="cosine", warmup_steps=warmup_steps,
+            weight_decay=0.0, logging_steps=max(1, min(25, eval_steps)),
+            eval_strategy="steps" if val_rows else "no", eval_steps=eval_steps,
+            save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+            train_sampling_strategy="group_by_length",
+            fp16=precision == "fp16", bf16=precision == "bf16", use_cpu=precision == "fp32" and
+            not _cuda(), disable_tqdm=not progress, remove_unused_columns=False,
+            dataloader_num_workers=0)
+        trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(train_rows),
+                          eval_dataset=_ListDataset(val_rows) if val_rows else None,
+                          data_collator=MaskedCollator(tokenizer))
+        start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        model.save_pretrained(scratch / "adapter")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(scratch / "adapter", out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch / "trainer", ignore_errors=True)  # the Trainer's own files
+        model.save_pretrained(scratch)
     return {"history": trainer.state.log_history, "seconds": seconds,
             "steps": trainer.state.global_step,
             "adapter_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
@@ -671,282 +386,7 @@ def load_adapter(base_dir: str | Path, adapter_dir: str | Path):
     return tok, model
 
 
-# ------------------------------------------------------------- generation
-
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-             batch_size: int = 16, constraint=None, num_beams: int = 1) -> list[str]:
-    """Greedy (or ``num_beams`` beam-search) completions of ``prompts``, batched.
-
-    Left padding with an attention mask keeps every prompt's last token next
-    to its first generated one; ``max_new_tokens`` caps a run-away answer;
-    the text is cut at the first EOS. ``constraint``, if given, is called
-    as ``constraint(first_prompt_index, padded_width)`` for each batch and
-    returns the ``prefix_allowed_tokens_fn`` for it
-    (:func:`ner_copy_constraint`).
-    """
-    import torch
-
-    if max_new_tokens < 1:
-        raise InstructError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if num_beams < 1:
-        raise InstructError(f"num_beams must be positive, got {num_beams}")
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outs: list[str] = []
-    model.eval()
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
-            width = enc["input_ids"].shape[1]
-            extra = {"prefix_allowed_tokens_fn": constraint(i, width)} if constraint else {}
-            with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     num_beams=num_beams, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, **extra)
-            for row in gen[:, width:].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[:row.index(tokenizer.eos_token_id)]
-                outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        tokenizer.padding_side = side
-    return outs
-
-
-# ------------------------------------------------- copy-constrained decoding
-
-def _word_character(ch: str) -> bool:
-    """A letter or digit that sits inside a word: not CJK (wide), which has no word breaks."""
-    return ch.isalnum() and unicodedata.east_asian_width(ch) not in ("W", "F")
-
-
-class _NerGrammar:
-    """Byte-level automaton of an NER answer whose entities are copied from the input.
-
-    ``(label, span), (label, span)`` or the NONE word: a label is one of
-    ``labels``, a span is a non-empty run of the input's bytes without
-    parentheses that starts and ends on a whole character and does not cut
-    a word (a run of letters and digits other than CJK ones, which have no
-    word breaks), and no (label, span) pair comes twice. A state is a tuple;
-    :meth:`feed` returns the state after some bytes, or None if they leave
-    the grammar.
-    """
-
-    def __init__(self, source: str, labels: Iterable[str], none_word: str, whole_words: bool = True):
-        self.source = source.encode("utf-8")
-        self.heads = [f"{x}, ".encode("utf-8") for x in labels]
-        self.none = none_word.encode("utf-8")
-        # byte offsets where a span may start or end: between two characters that
-        # are not both inside one word ("Philhar|monic" is no place to stop)
-        offsets = [0]
-        for ch in source:
-            offsets.append(offsets[-1] + len(ch.encode("utf-8")))
-        cuts = [k for k in range(1, len(source)) if whole_words
-                and _word_character(source[k - 1]) and _word_character(source[k])]
-        self.bounds = set(offsets) - {offsets[k] for k in cuts}
-        # the bytes a span may start with: the first byte after a boundary, no parenthesis
-        self.span_starts = {self.source[i] for i in self.bounds if i < len(self.source)} - {
-            ord("("), ord(")")}
-
-    START = ("start", b"", b"", frozenset())
-
-    @classmethod
-    def for_example(cls, example: dict) -> "_NerGrammar":
-        """The grammar of an NER example's answer: its language's labels, its input."""
-        lang = example["lang"]
-        return cls(example["input"], [ie.label(t, lang) for t in ie.ENTITY_TYPES], ie.NONE[lang])
-
-    def feed(self, state, data: bytes):
-        mode, label, got, done = state
-        for b in data:
-            ch = bytes((b,))
-            if mode == "start":
-                if ch == b" ":  # one space may lead (a SentencePiece "▁(" has it)
-                    if got:
-                        return None
-                    got = ch
-                    continue
-                mode, got = ("label", b"") if ch == b"(" else ("none", ch)
-                if mode == "none" and not self.none.startswith(got):
-                    return None
-            elif mode == "none":
-                got += ch
-                if not self.none.startswith(got):
-                    return None
-            elif mode == "label":
-                got += ch
-                if got in self.heads:
-                    mode, label, got = "span", got, b""
-                elif not any(h.startswith(got) for h in self.heads):
-                    return None
-            elif mode == "span":
-                if ch == b")":
-                    pair = (label, got.strip())
-                    if not pair[1] or pair in done or not self._occurs(pair[1], whole=True):
-                        return None
-                    mode, got, done = "sep", b"", done | {pair}
-                elif ch == b"(" or not self._occurs(got + ch):
-                    return None
-                else:
-                    got += ch
-            else:  # "sep": after a pair, only ", (" may follow
-                got += ch
-                if got == b", (":
-                    mode, got = "label", b""
-                elif not b", (".startswith(got):
-                    return None
-        return mode, label, got, done
-
-    def _occurs(self, span: bytes, whole: bool = False) -> bool:
-        """``span`` occurs in the source from a span boundary (and, ``whole``, up to one)."""
-        at = self.source.find(span)
-        while at != -1:
-            if at in self.bounds and (not whole or at + len(span) in self.bounds):
-                return True
-            at = self.source.find(span, at + 1)
-        return False
-
-    def next_bytes(self, state) -> set[int]:
-        """The bytes that may follow ``state`` (a superset; :meth:`feed` decides)."""
-        mode, _, got, _ = state
-        if mode == "start":
-            return {ord("("), self.none[0]} | (set() if got else {ord(" ")})
-        if mode == "none":
-            return {self.none[len(got)]} if len(got) < len(self.none) else set()
-        if mode == "label":
-            return {h[len(got)] for h in self.heads if h.startswith(got) and len(h) > len(got)}
-        if mode == "sep":
-            return {b", ("[len(got)]} if len(got) < 3 else set()
-        if not got:
-            return self.span_starts
-        src, n, found, at = self.source, len(got), {ord(")")}, self.source.find(got)
-        while at != -1 and at + n < len(src):  # "span": what follows each place it occurs
-            found.add(src[at + n])
-            at = src.find(got, at + 1)
-        return found
-
-    def complete(self, state) -> bool:
-        mode, _, got, _ = state
-        return (mode == "sep" and not got) or (mode == "none" and got == self.none)
-
-
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def _sentencepiece_bytes(token: str) -> bytes:
-    """A SentencePiece token's bytes: "▁" is a space, "<0xE5>" one raw byte."""
-    m = _BYTE_TOKEN.fullmatch(token)
-    return bytes((int(m.group(1), 16),)) if m else token.replace("\u2581", " ").encode("utf-8")
-
-
-def _token_bytes_function(tokenizer):
-    """token string -> the bytes it stands for, for byte-level BPE (GPT-2, our
-    tiny zoo) and SentencePiece (LLaMA) tokenizers."""
-    from .tiny import _byte_level_bytes
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and "ByteLevel" in repr(backend.decoder):
-        return _byte_level_bytes
-    return _sentencepiece_bytes
-
-
-def _vocabulary_bytes(tokenizer) -> dict[int, bytes]:
-    """token id -> its bytes, for every token but the special ones. Added
-    tokens (a vocabulary extension, such as whole Chinese characters) stand
-    for their own text; the others go through the tokenizer's byte map."""
-    specials = set(tokenizer.all_special_ids)
-    added = set(tokenizer.get_added_vocab().values())
-    to_bytes = _token_bytes_function(tokenizer)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return {i: t.encode("utf-8") if i in added else to_bytes(t)
-            for i, t in enumerate(tokens) if i not in specials}
-
-
-def _byte_trie(vocab: Iterable[tuple[int, bytes]]):
-    """The tokens' bytes as a trie: a node is (children by byte, token ids ending here)."""
-    root: tuple[dict, list] = ({}, [])
-    for token_id, data in vocab:
-        node = root
-        for b in data:
-            node = node[0].setdefault(b, ({}, []))
-        node[1].append(token_id)
-    return root
-
-
-def _viable_tokens(grammar: _NerGrammar, state, node, out: list[int]) -> list[int]:
-    """Every token whose bytes keep ``state`` inside the grammar (a walk of the trie)."""
-    children = node[0]
-    for b in grammar.next_bytes(state):
-        child = children.get(b)
-        after = None if child is None else grammar.feed(state, bytes((b,)))
-        if after is not None:
-            out.extend(child[1])
-            _viable_tokens(grammar, after, child, out)
-    return out
-
-
-def ner_copy_constraint(tokenizer, examples: list[dict]):
-    """A ``constraint`` for :func:`generate`: NER answers that copy their entities.
-
-    With it, decoding may only write a type label of the example's
-    language, a span of the example's ``input`` (byte for byte, starting and
-    ending on a whole character and never inside a word) and the answer's
-    punctuation, then EOS once an answer is complete. The model still picks
-    which span and which type, and when to stop; it can no longer write a name
-    the text does not contain, half a Chinese character, or half a word
-    ("Ellesmere Philhar"). (Generative IE systems such as UIE keep their
-    outputs inside the schema the same way.) The allowed tokens are found by
-    walking a byte trie of the vocabulary, so only viable prefixes are tried.
-    """
-    table = _vocabulary_bytes(tokenizer)
-    grammars = [_NerGrammar.for_example(ex) for ex in examples]
-    trie = _byte_trie(table.items())
-    eos = tokenizer.eos_token_id
-
-    def factory(start: int, width: int):
-        states: dict[tuple, tuple] = {}  # (row, generated ids) -> grammar state
-
-        def allowed(row: int, ids) -> list[int]:
-            gen = tuple(ids[width:].tolist())
-            if eos in gen:
-                return [eos]
-            grammar = grammars[start + row]
-            state, last = states.get((row, gen[:-1])), table.get(gen[-1], b"") if gen else b""
-            if state is not None:  # one step on from the shorter prefix
-                state = grammar.feed(state, last)
-            else:
-                state = grammar.feed(grammar.START, b"".join(table.get(i, b"") for i in gen))
-            if state is None:  # cannot happen from inside the grammar; stop cleanly
-                return [eos]
-            states[row, gen] = state
-            ok = _viable_tokens(grammar, state, trie, [])
-            if grammar.complete(state):
-                ok.append(eos)
-            return ok or [eos]
-
-        return allowed
-
-    return factory
-
-
-def copy_errors(predictions: list[str], examples: list[dict]) -> dict[str, int]:
-    """Count the predicted NER names that are not copies of whole input spans.
-
-    ``{"pairs": all predicted pairs, "not_in_text": names the input does not
-    contain (invented), "cut_words": names that are in it only as part of a
-    word ("Philhar" of "Philharmonic")}``. Copy-constrained decoding
-    (:func:`ner_copy_constraint`) makes both 0.
-    """
-    counts = {"pairs": 0, "not_in_text": 0, "cut_words": 0}
-    for out, ex in zip(predictions, examples, strict=True):
-        grammar = _NerGrammar.for_example(ex)
-        for _, name in ie.parse_ner(out)[0]:
-            counts["pairs"] += 1
-            if name not in ex["input"]:
-                counts["not_in_text"] += 1
-            elif not grammar._occurs(name.encode("utf-8"), whole=True):
-                counts["cut_words"] += 1
-    return counts
-
+# ------------------------------------------------------------- evaluation
 
 def repeat_rate(model, tokenizer, names: list[str], batch_size: int = 32) -> float:
     """Share of ``names`` the model repeats exactly after ``Repeat after me: <name>.``
@@ -976,7 +416,7 @@ def evaluate_ner(model, tokenizer, examples: list[dict], template: Template,
     """Generate an answer for each NER example and score it (exact, partial, type).
 
     Greedy by default: the model alone. ``copy_constrained`` decodes with
-    :func:`ner_copy_constraint`, ``num_beams`` > 1 with beam search.
+    :func:`knowlm_nb.decoding.ner_copy_constraint`, ``num_beams`` > 1 with beam search.
     """
     prompts = [template.prompt(ex["instruction"], ex["input"]) for ex in examples]
     constraint = ner_copy_constraint(tokenizer, examples) if copy_constrained else None
@@ -1002,7 +442,7 @@ def tune(base: Path, out: Path, profile: str = "tiny", max_steps: int | None = N
     steps = p["max_steps"] if max_steps is None else max_steps
     template = load_template(p["prompt_template"])
     train, val, counts = build_mix(p["mix_total"] if mix_total is None else mix_total, seed,
-                                   copy_share=p["copy_share"], names=p["fresh_names"])
+                                   names=p["fresh_names"])
     tok, model = load_base(base, p["load_in_8bit"])
     examples = eval_examples()
     _, before = evaluate_ner(model, tok, examples, template, p["max_new_tokens"])
@@ -1039,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = tune(Path(args.base), Path(args.out), args.profile, args.max_steps,
                    args.mix_total, args.seed)
-    except (InstructError, config.ConfigError) as exc:
+    except (InstructError, NamesError, config.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(res, indent=2, ensure_ascii=False))

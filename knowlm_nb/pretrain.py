@@ -62,6 +62,7 @@ from typing import Callable, Iterable, Mapping
 import yaml
 
 from . import ROOT, config, tiny
+from .files import FilesError, atomic_dir, iter_jsonl, weights_hash
 
 NOTEBOOK = "02"
 MODULE = "knowlm_nb.pretrain"
@@ -706,7 +707,7 @@ def heldout_texts(lang: str) -> list[str]:
         raise PretrainError(f"no held-out text for {lang!r}; have {sorted(HELDOUT)}")
     path = ROOT / HELDOUT[lang]
     seen: dict[str, None] = {}
-    for lineno, rec in tiny.iter_jsonl(path):
+    for lineno, rec in iter_jsonl(path):
         text = rec.get("input") if isinstance(rec, dict) else None
         if not isinstance(text, str):
             raise PretrainError(f"{path}:{lineno}: no string 'input' field")
@@ -880,7 +881,7 @@ def consolidate(checkpoint: Path, out_dir: Path, tokenizer_dir: Path | None = No
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise PretrainError(f"dtype must be one of {PRECISIONS}, got {dtype!r}")
-    with tiny.atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         if (checkpoint / "latest").is_file():  # a DeepSpeed (ZeRO) checkpoint
             from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
             convert_zero_checkpoint_to_state_dict(str(checkpoint), str(tmp), dtype=torch_dtype,
@@ -910,7 +911,7 @@ def consolidate(checkpoint: Path, out_dir: Path, tokenizer_dir: Path | None = No
             if (checkpoint / "trainer_state.json").is_file() else {}
         manifest = {"source_checkpoint": str(checkpoint), "source": source,
                     "global_step": state.get("global_step"), "dtype": dtype,
-                    "weights_sha256": tiny.weights_hash(tmp)}
+                    "weights_sha256": weights_hash(tmp)}
         (tmp / "consolidated.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return out_dir
 
@@ -1215,7 +1216,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         train(cfg, output_dir, ns.resume)
         return 0
-    except (PretrainError, config.ConfigError, tiny.ZooError) as exc:
+    except (PretrainError, config.ConfigError, tiny.ZooError, FilesError) as exc:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"error: {exc}", file=sys.stderr, flush=True)

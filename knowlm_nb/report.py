@@ -11,12 +11,12 @@ import math
 import os
 import platform
 import re
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from . import ROOT
+from .files import write_json
 
 _context: dict[str, Any] = {"workdir": None, "notebook": None}
 
@@ -29,18 +29,6 @@ def set_context(workdir: Path, notebook: str) -> None:
 
 def metrics_path(workdir: Path, notebook: str) -> Path:
     return Path(workdir) / "metrics" / f"{notebook}.json"
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_metrics(workdir: Path, notebook: str) -> dict:
@@ -74,7 +62,7 @@ def record(name: str, value: Any, *, workdir: Path | None = None,
                         f"got {type(value).__name__}")
     data = load_metrics(workdir, notebook)
     data[name] = value
-    _atomic_write_json(metrics_path(workdir, notebook), data)
+    write_json(metrics_path(workdir, notebook), data)
     print(f"[record] {notebook}.{name} = {value!r}")
 
 
