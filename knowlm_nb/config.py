@@ -89,7 +89,6 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
         "base_model": str,
         "prompt_template": str,
         "mix_total": int,
-        "copy_share": float,
         "fresh_names": str,
         "lora_r": int,
         "lora_alpha": int,

@@ -530,14 +530,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="copy-pretraining steps, in one stage (default: the shipped recipe's stages)")
     args = ap.parse_args(argv)
     try:
-        p = config.notebook_params(args.profile, "00")
-        settings = zoo_settings(p) | ({} if args.seed is None else {"seed": args.seed})
-        build_zoo(Path(args.zoo), force=args.force, use_shipped=False, **settings)
         stages = None
         if args.steps is not None:
             if args.steps < 1:
                 raise ZooError(f"--steps must be positive, got {args.steps}")
             stages = [{**COPY_STAGES[0], "steps": args.steps}]
+        p = config.notebook_params(args.profile, "00")
+        settings = zoo_settings(p) | ({} if args.seed is None else {"seed": args.seed})
+        build_zoo(Path(args.zoo), force=args.force, use_shipped=False, **settings)
         info = ship_copy_base(Path(args.out), Path(args.zoo), stages,
                               resume=Path(args.resume) if args.resume else None)
     except (ZooError, config.ConfigError) as exc:

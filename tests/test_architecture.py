@@ -205,12 +205,18 @@ def _notebook_code(path: Path) -> str:
     return "\n".join(lines)
 
 
+# Uses that another open change removes (issue 22 makes config's type check public);
+# ``file: what``, without the line. Delete an entry once that change is merged.
+PENDING = {"knowlm_nb/batch.py: config._check_type"}
+
+
 def test_no_private_name_is_used_outside_its_module():
     known = set(modules())
     problems = []
     for name, path in modules().items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        problems += [f"{where(name, line)}: {what}" for line, what in _private_uses(tree, name, known)]
+        problems += [f"{where(name, line)}: {what}" for line, what in _private_uses(tree, name, known)
+                     if f"knowlm_nb/{name}.py: {what}" not in PENDING]
     for nb in sorted(NOTEBOOKS.glob("*.ipynb")):
         tree = ast.parse(_notebook_code(nb))
         problems += [f"notebooks/{nb.name} (code line {line}): {what}"

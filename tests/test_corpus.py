@@ -5,15 +5,14 @@ import time
 import numpy as np
 import pytest
 
-from knowlm_nb import ROOT, chunking, corpus, indexed_dataset, tiny
+from knowlm_nb import ROOT, chunking, corpus, files, indexed_dataset, tiny
 from conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """A small byte-level BPE tokenizer like notebook 00's (trained in a second)."""
-    files = tiny.corpus_files("data_samples/corpus/*.jsonl")
-    tok = tiny.train_tokenizer(tiny.iter_texts(files), vocab_size=600)
+    tok = tiny.train_tokenizer(tiny.iter_texts(files.find_files("data_samples/corpus/*.jsonl")), vocab_size=600)
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     tok.save_pretrained(out)
     return out
@@ -101,7 +100,7 @@ def test_split_code_between_lines_at_blank_lines_and_top_level_blocks():
 @pytest.mark.parametrize("path", sorted((ROOT / "data_samples" / "corpus").glob("*.jsonl")),
                          ids=lambda p: p.name)
 def test_splitters_lose_nothing_on_the_sample_corpus(path):
-    for _, rec in list(tiny.iter_jsonl(path))[:30]:
+    for _, rec in list(files.iter_jsonl(path))[:30]:
         text = corpus.normalize(rec["text"], rec["lang"])
         parts = corpus.split_sentences(text, rec["lang"])
         assert "".join(parts) == text and all(parts)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from knowlm_nb import ROOT, config, pretrain, tiny
+from knowlm_nb import ROOT, config, files, pretrain, tiny
 from knowlm_nb.pretrain import PretrainError
 
 # Tiny jobs: 2 processes over gloo, 2 x 2 samples of 256 tokens a step each.
@@ -113,7 +113,7 @@ def test_consolidated_zero3_model_reloads_in_a_fresh_process_with_the_same_eval_
         assert fresh[lang] == pytest.approx(in_job[lang], abs=1e-4)
     # fp32 on CPU: the fp32 master shards gathered equal the weights the
     # Trainer gathered into the checkpoint itself
-    assert tiny.weights_hash(model_dir) == tiny.weights_hash(ckpt)
+    assert files.weights_hash(model_dir) == files.weights_hash(ckpt)
 
 
 def test_plain_single_process_run_needs_no_launcher(workdir):
@@ -407,7 +407,7 @@ def test_deepspeed_accepts_our_configs():
 # ------------------------------------------------------------ held out
 
 def test_heldout_text_is_not_in_the_pretraining_corpus():
-    corpus = list(tiny.iter_texts(tiny.corpus_files(config.notebook_params("tiny", "01")["corpus_glob"])))
+    corpus = list(tiny.iter_texts(files.find_files(config.notebook_params("tiny", "01")["corpus_glob"])))
     for lang in pretrain.HELDOUT:
         texts = pretrain.heldout_texts(lang)
         assert len(texts) >= 50 and len(set(texts)) == len(texts)
