@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from . import ROOT, ie
 from .decoding import generate, ner_copy_constraint
