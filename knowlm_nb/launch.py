@@ -95,12 +95,12 @@ def check_capacity(hosts: Mapping[str, int], num_nodes: int, num_gpus: int,
     """The first ``num_nodes`` hosts, each with at least ``num_gpus`` slots."""
     if num_nodes > len(hosts):
         raise LaunchError(f"{where}: num_nodes {num_nodes} but the hostfile lists "
-                            f"{len(hosts)} node(s): {', '.join(hosts)}")
+                          f"{len(hosts)} node(s): {', '.join(hosts)}")
     used = dict(list(hosts.items())[:num_nodes])
     short = {h: s for h, s in used.items() if s < num_gpus}
     if short:
         raise LaunchError(f"{where}: num_gpus {num_gpus} per node but "
-                            + ", ".join(f"{h} has slots={s}" for h, s in short.items()))
+                          + ", ".join(f"{h} has slots={s}" for h, s in short.items()))
     return used
 
 

@@ -129,6 +129,11 @@ def test_plain_single_process_run_needs_no_launcher(workdir):
     assert start["world_size"] == 1 and start["zero_stage"] is None
     assert pretrain.last_checkpoint(out).name == "checkpoint-2"
     assert not (pretrain.last_checkpoint(out) / "latest").exists()  # not a ZeRO checkpoint
+    # consolidating a plain Trainer checkpoint copies its weights as they are
+    model_dir = pretrain.consolidate(pretrain.last_checkpoint(out), workdir / "02" / "plain-model")
+    manifest = json.loads((model_dir / "consolidated.json").read_text())
+    assert manifest["source"] == "trainer" and manifest["global_step"] == 2
+    assert manifest["weights_sha256"] == files.weights_hash(pretrain.last_checkpoint(out))
 
 
 def test_cli_consolidate_and_evaluate(zero2_run, tmp_path, capsys):
