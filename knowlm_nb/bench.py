@@ -127,13 +127,56 @@ def bench_chunking(argv: list[str]) -> dict:
 
 def bench_pretrain(argv: list[str]) -> dict:
     """02: tokens/s of a single-process plain Trainer vs 2-process ZeRO-2 and
-    ZeRO-3 on CPU (same global batch and data), as ratios.
+    ZeRO-3 on CPU (same global batch and data), run one after the other; as ratios.
 
     ``--steps N`` (default 12), ``--seq_len`` (default 256), ``--micro_batch``.
     """
-    from .pretrain import bench_main
+    import argparse
+    import os
+    import shutil
 
-    return bench_main(argv)
+    from . import launch, pretrain
+
+    ap = argparse.ArgumentParser(prog="python -m knowlm_nb.bench pretrain")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--seq_len", type=int, default=256, help="at least notebook 01's max_len")
+    ap.add_argument("--micro_batch", type=int, default=4)
+    ap.add_argument("--workdir", default=str(BENCH_DIR / "pretrain"))
+    a = ap.parse_args(argv)
+    work = Path(a.workdir)
+    base = {"workdir": str(work), "max_steps": a.steps, "seq_len": a.seq_len,
+            "micro_batch": a.micro_batch, "save_steps": a.steps, "stop_at_step": 0,
+            "warmup_steps": 1}
+    cfg0 = pretrain.settings("tiny", overrides=base)
+    pretrain.ensure_inputs(cfg0, show=lambda s: print(s, file=sys.stderr))
+    procs = cfg0.num_gpus
+    setups = {
+        "plain_1proc": dict(deepspeed_config="", num_gpus=1, grad_accum=cfg0.grad_accum * procs),
+        "zero2_2proc": dict(deepspeed_config="env/deepspeed/zero2.json", num_gpus=procs),
+        "zero3_2proc": dict(deepspeed_config="env/deepspeed/zero3.json", num_gpus=procs),
+    }
+    rows = {}
+    for name, extra in setups.items():
+        cfg = pretrain.settings("tiny", overrides={**base, **extra})
+        out = work / name
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        argv_ = pretrain.command_for(cfg, pretrain.write_run_config(cfg, out / "run.yaml"), out, "never")
+        threads = (os.cpu_count() or 1) // cfg.num_gpus  # every setup uses all the cores
+        res = launch.run_job(argv_, launch.job_env(threads), show=None, log_path=out / "launcher.log")
+        if res.returncode != 0:
+            raise pretrain.PretrainError(f"bench {name} failed:\n" + "\n".join(res.tail[-20:]))
+        steps = pretrain.read_log(out)  # time from the end of step 2: start-up and warm-up excluded
+        seconds = steps[-1]["wall"] - steps[1]["wall"]
+        tokens = steps[-1]["tokens"] - steps[1]["tokens"]
+        rows[name] = {"tokens_per_s": tokens / seconds, "final_loss": steps[-1]["loss"],
+                      "wall_s": res.seconds}
+    ref = rows["plain_1proc"]["tokens_per_s"]
+    return {"steps": a.steps, "seq_len": a.seq_len, "global_batch": a.micro_batch * cfg0.grad_accum * procs,
+            "cores": os.cpu_count(), **{f"{k}_tokens_per_s": round(v["tokens_per_s"], 1) for k, v in rows.items()},
+            **{f"{k}_vs_plain": round(v["tokens_per_s"] / ref, 3) for k, v in rows.items() if k != "plain_1proc"},
+            "final_loss": {k: v["final_loss"] for k, v in rows.items()}}
 
 
 BENCHES = {

@@ -53,14 +53,35 @@ def test_parameters_cell_matches_schema_and_tiny_profile(path):
 
 # ------------------------------------------------- figures the notebooks record
 
+def newest_source(notebook, package=ROOT / "knowlm_nb") -> float:
+    """The newest mtime of the notebook and of the package files it runs (code, templates)."""
+    code = [p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    return max(p.stat().st_mtime for p in [notebook, *code])
+
+
+def test_figures_go_stale_when_the_package_changes(tmp_path):
+    import os
+
+    notebook, package = tmp_path / "02.ipynb", tmp_path / "knowlm_nb"
+    (package / "__pycache__").mkdir(parents=True)
+    for path, mtime in ((notebook, 1000), (package / "a.py", 900), (package / "b.py", 1100),
+                        (package / "__pycache__" / "b.pyc", 5000)):
+        path.write_text("")
+        os.utime(path, (mtime, mtime))
+    assert newest_source(notebook, package) == 1100     # b.py changed after the notebook
+    os.utime(package / "b.py", (800, 800))
+    assert newest_source(notebook, package) == 1000     # only the notebook counts now
+
+
 def recorded(nb_id: str) -> dict:
     """Figures from the tiny run of a notebook (nbmake ran it first in `make test`).
 
-    If they are missing or older than the notebook, run it now with papermill.
+    If they are missing or older than the notebook or any ``knowlm_nb/*.py``,
+    run it now with papermill.
     """
     path = next(p for p in NOTEBOOKS if p.name.startswith(nb_id))
     metrics = ROOT / "runs" / "tiny" / "metrics" / f"{nb_id}.json"
-    if not metrics.is_file() or metrics.stat().st_mtime < path.stat().st_mtime:
+    if not metrics.is_file() or metrics.stat().st_mtime < newest_source(path):
         jobs, workdir = batch.plan("tiny", only=[nb_id])
         assert batch.run(jobs, workdir, "tiny", progress=False)[0].status == "ok"
     return json.loads(metrics.read_text())
@@ -68,7 +89,6 @@ def recorded(nb_id: str) -> dict:
 
 def test_00_recorded_figures():
     f = recorded("00")
-    assert f["vocab_size"] == 2000
     assert 1_000_000 < f["parameters"] < 10_000_000
     assert abs(f["untrained_loss"] - math.log(f["vocab_size"])) < 0.5
     assert f["tokens_per_char_zh_english_centric"] > 1.3 * f["tokens_per_char_zh"]
@@ -88,16 +108,14 @@ def test_01_recorded_figures():
 
 def test_02_recorded_figures():
     f = recorded("02")
-    assert f["global_batch"] == 16 and f["knowlm_global_batch"] == 1440  # 20 x 3 x 24
     assert f["loss_last"] < f["loss_first"] - 0.5                       # it learned
     assert f["stopped_at_step"] >= 25 and f["resumed_from"] == 20       # stopped, resumed from a checkpoint
     assert f["retraced_steps"] >= 5 and f["retraced_max_loss_diff"] < 1e-3  # and retraced the same steps
     assert f["consolidated_eval_diff"] < 1e-4                           # same eval loss in a fresh process
     assert f["ppl_zh_after"] < 0.8 * f["ppl_zh_before"]                 # Chinese improves
     assert f["ppl_en_after"] < 1.25 * f["ppl_en_before"]                # English not much worse
-    assert f["zero2_fits_32gb"] is False and f["zero3_fits_32gb"] is True
-    assert 230 < f["knowlm_tokens_per_s_per_gpu"] < 240                 # 1440 x 1024 / 260 s / 24
-    assert 0.10 < f["knowlm_mfu"] < 0.20
+    assert f["zero2_fits_32gb"] is False and f["zero3_fits_32gb"] is True  # DeepSpeed's estimators
+    # the batch, tokens/s and MFU arithmetic is tested on other inputs in test_sizing.py
 
 
 def test_03_recorded_figures():

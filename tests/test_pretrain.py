@@ -1,5 +1,6 @@
-"""Notebook 02's module: real 2-process DeepSpeed jobs, resume, consolidation,
-the launch command, sizing, and every bad input named clearly."""
+"""Notebook 02's training module: real 2-process DeepSpeed jobs, resume,
+consolidation, the run's launch command, and every bad input named clearly.
+The launcher and job control are in test_launch.py, the 13B sizing in test_sizing.py."""
 import json
 import math
 import os
@@ -7,7 +8,7 @@ import shutil
 
 import pytest
 
-from knowlm_nb import ROOT, config, files, pretrain, tiny
+from knowlm_nb import ROOT, config, files, launch, pretrain
 from knowlm_nb.pretrain import PretrainError
 
 # Tiny jobs: 2 processes over gloo, 2 x 2 samples of 256 tokens a step each.
@@ -128,6 +129,11 @@ def test_plain_single_process_run_needs_no_launcher(workdir):
     assert start["world_size"] == 1 and start["zero_stage"] is None
     assert pretrain.last_checkpoint(out).name == "checkpoint-2"
     assert not (pretrain.last_checkpoint(out) / "latest").exists()  # not a ZeRO checkpoint
+    # consolidating a plain Trainer checkpoint copies its weights as they are
+    model_dir = pretrain.consolidate(pretrain.last_checkpoint(out), workdir / "02" / "plain-model")
+    manifest = json.loads((model_dir / "consolidated.json").read_text())
+    assert manifest["source"] == "trainer" and manifest["global_step"] == 2
+    assert manifest["weights_sha256"] == files.weights_hash(pretrain.last_checkpoint(out))
 
 
 def test_cli_consolidate_and_evaluate(zero2_run, tmp_path, capsys):
@@ -135,33 +141,12 @@ def test_cli_consolidate_and_evaluate(zero2_run, tmp_path, capsys):
     assert pretrain.main(["--consolidate", str(out / "checkpoint-6"), "--out",
                           str(tmp_path / "m")]) == 0
     assert pretrain.main(["--evaluate", str(tmp_path / "m"), "--seq_len", str(cfg.seq_len)]) == 0
-    event = pretrain.parse_event(capsys.readouterr().out.splitlines()[-1])
+    event = launch.parse_event(capsys.readouterr().out.splitlines()[-1])
     assert event["heldout_loss"]["zh"] == pytest.approx(
         pretrain.read_result(out)["heldout_loss"]["zh"], abs=1e-4)
 
 
 # ------------------------------------------------------- launch command
-
-def hostfile(tmp_path, text, name="hostfile"):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def test_launch_command_for_three_nodes_of_eight(tmp_path):
-    hf = hostfile(tmp_path, "# KnowLM\nworker-1 slots=8\nworker-2 slots=8  # rack B\n\nworker-3 slots=8\n")
-    assert pretrain.parse_hostfile(hf) == {"worker-1": 8, "worker-2": 8, "worker-3": 8}
-    argv = pretrain.launch_command(["--profile", "knowlm-13b"], "deepspeed", 3, 8, hf)
-    assert os.path.basename(argv[0]) == "deepspeed"
-    assert argv[1:] == ["--hostfile", str(hf), "--num_nodes", "3", "--num_gpus", "8",
-                        "--master_addr", "worker-1", "--master_port", "29500",
-                        "--module", "knowlm_nb.pretrain", "--profile", "knowlm-13b"]
-    argv = pretrain.launch_command(["--profile", "knowlm-13b"], "torchrun", 3, 8, hf)
-    assert os.path.basename(argv[0]) == "torchrun"
-    assert argv[1:] == ["--nnodes", "3", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
-                        "--rdzv_endpoint", "worker-1:29500", "--rdzv_id", "knowlm-pretrain",
-                        "-m", "knowlm_nb.pretrain", "--profile", "knowlm-13b"]
-
 
 def test_knowlm_profile_command_uses_the_example_hostfile(tmp_path):
     cfg = pretrain.settings("knowlm-13b")
@@ -174,54 +159,13 @@ def test_knowlm_profile_command_uses_the_example_hostfile(tmp_path):
                          str(tmp_path / "run"), "--resume", "auto"]
 
 
-def test_local_command_and_shell_form():
-    argv = pretrain.launch_command(["--x", "a b"], "torchrun", 1, 2, master_port=29511)
-    assert argv[1:] == ["--standalone", "--nproc_per_node", "2", "-m", "knowlm_nb.pretrain",
-                        "--x", "a b"]
-    assert pretrain.shell_form(argv).endswith("--x 'a b'")  # display only; jobs run the list
-    argv = pretrain.launch_command([], "deepspeed", 1, 2, master_port=29511)
-    assert argv[1:] == ["--num_nodes", "1", "--num_gpus", "2", "--master_port", "29511",
-                        "--module", "knowlm_nb.pretrain"]
-
-
-def test_our_hostfile_reading_agrees_with_deepspeeds():
-    from deepspeed.launcher.runner import fetch_hostfile
-
-    path = ROOT / "env" / "hostfile.example"
-    assert pretrain.parse_hostfile(path) == dict(fetch_hostfile(str(path)))
-
-
-@pytest.mark.parametrize("text, message", [
-    ("node1 slots=8\nnode2\n", r"hostfile:2: expected 'HOSTNAME slots=N'"),
-    ("node1 slots=eight\n", r"hostfile:1: expected slots=N"),
-    ("node1 slots = 8\n", r"hostfile:1: expected 'HOSTNAME slots=N'"),
-    ("node1 gpus=8\n", r"hostfile:1: expected slots=N"),
-    ("node1 slots=0\n", r"hostfile:1: node1 has slots=0"),
-    ("node1 slots=8\nnode1 slots=8\n", r"hostfile:2: host node1 is listed twice"),
-    ("node1 slots=8 extra\n", r"hostfile:1: expected 'HOSTNAME slots=N'"),
-    ("-rf slots=8\n", r"hostfile:1: '-rf' is not a valid host name"),
-    ("# only a comment\n\n", r"no 'HOSTNAME slots=N' line"),
-])
-def test_malformed_hostfile_is_named_with_its_line(tmp_path, text, message):
-    with pytest.raises(PretrainError, match=message):
-        pretrain.parse_hostfile(hostfile(tmp_path, text))
-
-
-def test_hostfile_missing_binary_or_too_small(tmp_path):
-    with pytest.raises(PretrainError, match="hostfile not found"):
-        pretrain.parse_hostfile(tmp_path / "nope")
-    (tmp_path / "bin").write_bytes(b"\xff\xfe node1")
-    with pytest.raises(PretrainError, match="invalid UTF-8"):
-        pretrain.parse_hostfile(tmp_path / "bin")
-    hf = hostfile(tmp_path, "a slots=8\nb slots=4\n")
-    with pytest.raises(PretrainError, match="num_nodes 3 but the hostfile lists 2 node"):
-        pretrain.launch_command([], "deepspeed", 3, 8, hf)
-    with pytest.raises(PretrainError, match="num_gpus 8 per node but b has slots=4"):
-        pretrain.launch_command([], "deepspeed", 2, 8, hf)
-    with pytest.raises(PretrainError, match="needs a hostfile"):
-        pretrain.launch_command([], "deepspeed", 2, 8)
-    with pytest.raises(PretrainError, match="launcher must be one of"):
-        pretrain.launch_command([], "mpirun", 1, 2)
+def test_bad_hostfile_stops_the_run_before_launching(workdir, tmp_path):
+    bad = tmp_path / "hostfile"
+    bad.write_text("node1 slots=2\nnode2 slots = 2\n", encoding="utf-8")
+    cfg = small(workdir, hostfile=str(bad))
+    with pytest.raises(PretrainError, match=r"hostfile:2: expected 'HOSTNAME slots=N'"):
+        pretrain.check_inputs(cfg)
+    assert pretrain.main(["--profile", "tiny", "--hostfile", str(bad), "--dry_run"]) == 2
 
 
 # ---------------------------------------------------------- bad input
@@ -352,39 +296,17 @@ def test_resume_refuses_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "checkpoint-2" / pretrain.COMPLETE_MARKER).write_text("{}")
     assert pretrain.last_checkpoint(tmp_path).name == "checkpoint-2"
     assert pretrain.last_checkpoint(tmp_path / "none") is None
+    assert pretrain.resume_point(tmp_path, "auto").name == "checkpoint-2"
+    with pytest.raises(PretrainError, match="already holds checkpoints"):
+        pretrain.resume_point(tmp_path, "never")
+    assert pretrain.resume_point(tmp_path / "none", "never") is None
+    with pytest.raises(PretrainError, match="not a checkpoint to resume from"):
+        pretrain.resume_point(tmp_path, str(tmp_path / "checkpoint-5"))
     with pytest.raises(PretrainError, match="not a checkpoint"):
         pretrain.consolidate(tmp_path / "checkpoint-5", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
-
-# ------------------------------------------------------------- sizing
-
-def test_sizing_knowlm_13b():
-    s = pretrain.size_real_run()
-    assert s["parameters"] == 13_015_864_320          # LLaMA-13B
-    assert s["largest_layer_parameters"] == 32000 * 5120
-    assert (s["micro_batch"], s["grad_accum"], s["gpus"]) == (20, 3, 24)
-    assert s["global_batch"] == 1440 and s["tokens_per_step"] == 1440 * 1024
-    assert s["tokens_per_second_per_gpu"] == pytest.approx(1440 * 1024 / 260 / 24)
-    assert 0.10 < s["mfu"] < 0.20
-    mem = {r["setup"]: r for r in s["memory"]}
-    assert not mem["ZeRO-2"]["fits_gpu"]                 # why KnowLM needed ZeRO-3
-    assert mem["ZeRO-3"]["fits_gpu"] and mem["ZeRO-3"]["gpu_gib"] < 12
-    # DeepSpeed's formula: 2 bytes of fp16 params + 18 bytes/param sharded
-    n = 13_015_864_320
-    assert mem["ZeRO-2"]["gpu_gib"] == pytest.approx((2 * n + 18 * n / 24) / 2**30, rel=1e-6)
-    assert 32 < mem["ZeRO-2"]["gpu_gib"] < 34
-
-
-def test_model_size_matches_a_real_model_at_tiny_size(workdir):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(workdir / "00" / "base")
-    shape = {k: getattr(cfg, k) for k in pretrain.LLAMA_13B}
-    total, largest = pretrain.model_size(shape)
-    assert total == tiny.count_parameters(AutoModelForCausalLM.from_config(cfg))
-    assert largest == cfg.vocab_size * cfg.hidden_size
-
+# ------------------------------------------------------------ DeepSpeed
 
 def test_deepspeed_accepts_our_configs():
     from deepspeed.runtime.config import DeepSpeedConfig
@@ -407,16 +329,14 @@ def test_deepspeed_accepts_our_configs():
 # ------------------------------------------------------------ held out
 
 def test_heldout_text_is_not_in_the_pretraining_corpus():
-    corpus = list(tiny.iter_texts(files.find_files(config.notebook_params("tiny", "01")["corpus_glob"])))
+    glob = config.notebook_params("tiny", "01")["corpus_glob"]
+    corpus = [rec["text"] for path in files.find_files(glob) for rec in files.read_jsonl(path)]
+    assert len(corpus) == 500
     for lang in pretrain.HELDOUT:
         texts = pretrain.heldout_texts(lang)
         assert len(texts) >= 50 and len(set(texts)) == len(texts)
         assert not [t for t in texts if any(t in doc for doc in corpus)]
 
 
-def test_perplexity_and_events():
+def test_perplexity():
     assert pretrain.perplexities({"zh": 0.0, "en": math.log(10)}) == pytest.approx({"zh": 1.0, "en": 10.0})
-    assert pretrain.parse_event('x [knowlm] {"event": "step", "step": 3}') == {"event": "step", "step": 3}
-    assert pretrain.parse_event("[knowlm] not json") is None
-    assert "loss 1.2346" in pretrain.describe({"event": "step", "step": 1, "loss": 1.23456, "lr": 1e-3,
-                                               "tokens": 10, "seconds": 1.0})
