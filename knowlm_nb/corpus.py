@@ -48,7 +48,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import chunking, indexed_dataset, report, tiny
+from . import chunking, files, indexed_dataset
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 CODE_SUFFIXES = (".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".java", ".go", ".rs", ".sh")
@@ -92,14 +92,14 @@ def input_files(inputs: Iterable[str]) -> list[Path]:
     inputs = list(inputs)
     if not inputs:
         raise CorpusError("no inputs given")
-    files: list[Path] = []
+    found_all: list[Path] = []
     for pattern in inputs:
         try:
-            found = tiny.corpus_files(str(pattern))
-        except tiny.ZooError:
+            found = files.find_files(str(pattern))
+        except files.FilesError:
             raise CorpusError(f"no files match {pattern!r}") from None
-        files.extend(f for f in found if f not in files)
-    return files
+        found_all.extend(f for f in found if f not in found_all)
+    return found_all
 
 
 def guess_lang(text: str, path: Path | None = None) -> str:
@@ -131,7 +131,7 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
     return rec, None
 
 
-def iter_documents(files: Iterable[Path], strict: bool = False,
+def iter_documents(paths: Iterable[Path], strict: bool = False,
                    problems: ReadReport | None = None) -> Iterator[Document]:
     """Stream documents from JSONL and plain-text files, one at a time.
 
@@ -139,7 +139,7 @@ def iter_documents(files: Iterable[Path], strict: bool = False,
     ``strict``, raise :class:`CorpusError` naming ``file:line`` and why).
     """
     problems = problems if problems is not None else ReadReport()
-    for path in files:
+    for path in paths:
         path = Path(path)
         if path.suffix not in JSONL_SUFFIXES:
             raw = path.read_bytes()
@@ -189,7 +189,6 @@ def scan(inputs) -> list[dict]:
 # ----------------------------------------------------------------- cleaning
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
-_CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
 
 
 @dataclass
@@ -206,7 +205,7 @@ def normalize(text: str, lang: str) -> str:
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     if lang == "code":
         return _CONTROL.sub("", text).strip("\n")
-    text = _CONTROL_TEXT.sub("", text).replace("\t", " ")
+    text = _CONTROL.sub("", text).replace("\t", " ")
     text = re.sub(r"[ \u3000]+\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
@@ -284,10 +283,9 @@ _ZH_CLOSE = "”’\"'」』）)］]】》〉"
 _ZH_SENT = re.compile(
     rf"[^{re.escape(_ZH_END)}…\n]*(?:(?:[{re.escape(_ZH_END)}]|…+)+[{re.escape(_ZH_CLOSE)}]*\n*|\n+|$)")
 _EN_END = re.compile(r"[.!?]")
-_PYSBD_WINDOW = 10_000
+_LINES = re.compile(r"[^\n]*\n*")
 _CODE_BLOCK = re.compile(r"(async\s+def|def|class|function|fn|func|public|private|"
                          r"static|struct|impl|interface|#include|@)\b|@")
-_pysbd = None
 
 
 def split_zh(text: str) -> list[str]:
@@ -297,38 +295,29 @@ def split_zh(text: str) -> list[str]:
 
 
 def split_en(text: str) -> list[str]:
-    """English with pysbd (rule-based, offline), paragraph by paragraph.
+    """English with sentencex (rule-based, offline, lossless), plus a cut after every line break.
 
     Whitespace between sentences starts the next sentence (as the tokenizer
     sees it in running text); line breaks end the sentence before them.
     """
-    global _pysbd
-    out: list[str] = []
-    for para in re.findall(r"[^\n]*\n*", text):
-        if not para:
-            continue
-        if not _EN_END.search(para):
-            out.append(para)
-            continue
-        if _pysbd is None:
-            import pysbd
-            _pysbd = pysbd.Segmenter(language="en", clean=False)
-        ends = []
-        for w0 in range(0, len(para), _PYSBD_WINDOW):      # windows keep hostile lines linear
-            window = para[w0:w0 + _PYSBD_WINDOW]
-            pos = 0
-            for seg in _pysbd.segment(window):
-                seg = seg.strip()
-                at = window.find(seg, pos) if seg else -1
-                if at < 0:          # pysbd changed the text: no boundary here
-                    continue
-                pos = at + len(seg)
-                ends.append(w0 + pos)
-        # a sentence ends after its last visible character; the space that
-        # follows starts the next one, trailing line breaks stay with the last
-        bounds = sorted({e for e in ends if para[e:].strip()})
-        out.extend(para[a:b] for a, b in zip([0] + bounds, bounds + [len(para)]))
-    return [s for s in out if s]
+    if not _EN_END.search(text):
+        return [m.group(0) for m in _LINES.finditer(text) if m.group(0)]
+    from sentencex import segment
+
+    bounds = {m.end() for m in _LINES.finditer(text)}          # after each run of line breaks
+    segments = list(segment("en", text))
+    if sum(map(len, segments)) != len(text):     # never seen; then only the line breaks
+        segments = []
+    pos = 0
+    for seg in segments:
+        pos += len(seg)
+        # a sentence ends after its last visible character; the space after it
+        # starts the next one, unless it holds a line break (counted above)
+        end = pos - (len(seg) - len(seg.rstrip()))
+        if "\n" not in text[end:pos]:
+            bounds.add(end)
+    bounds = sorted(b for b in bounds if 0 < b < len(text) and text[b:].strip())
+    return [text[a:b] for a, b in zip([0] + bounds, bounds + [len(text)])]
 
 
 def split_code(text: str) -> list[str]:
@@ -403,11 +392,10 @@ def _process(batch: list[Document]) -> list[dict]:
                 r["key"], r["minhash"] = exact_key(text), minhash_values(text)
             texts.append(split_sentences(text, doc.lang))
         results.append(r)
-    tokenized = chunker.tokenize(texts)
-    it = iter(tokenized)
+    it = iter(chunker.tokenize(texts))      # one tokenizer call for the batch
     for r in results:
         if r["reason"] is None:
-            r["samples"], r["stats"] = chunker.pack(next(it))
+            r["samples"], r["stats"] = chunker.pack_tokens(*next(it))
     return results
 
 
@@ -500,7 +488,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
     chunking.check_max_len(max_len, min_len)
     if not isinstance(num_proc, int) or num_proc < 1:
         raise CorpusError(f"num_proc must be a positive int, got {num_proc!r}")
-    files = input_files(inputs)
+    found = input_files(inputs)
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise CorpusError(f"no fast tokenizer (tokenizer.json) in {tokenizer_dir}")
@@ -522,7 +510,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
     init = (str(tokenizer_dir), max_len, mode, min_len, dedup)
     pool = None
     try:
-        batches = _batches(iter_documents(files, strict=strict, problems=problems), batch_docs)
+        batches = _batches(iter_documents(found, strict=strict, problems=problems), batch_docs)
         if num_proc > 1:
             pool = multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, init)
             results = pool.imap(_process, batches)
@@ -568,7 +556,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
             w.close()
         if not writers:
             raise CorpusError(
-                f"empty corpus: no document of {len(files)} file(s) survived reading, cleaning "
+                f"empty corpus: no document of {len(found)} file(s) survived reading, cleaning "
                 f"and deduplication ({_drop_summary(sources) or 'no documents at all'})")
         blend = _write_blend(parts, out_prefix, dict(group_stats), weights, num_samples,
                              seed, dtype)
@@ -576,12 +564,12 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
         if pool is not None:
             pool.terminate()
         for w in writers.values():
-            w.abort() if not w._closed else None
+            w.abort()                      # a no-op for a writer already closed
         shutil.rmtree(parts, ignore_errors=True)
 
     stats = {
         "output": str(out_prefix),
-        "files": [str(f) for f in files],
+        "files": [str(f) for f in found],
         "tokenizer": str(tokenizer_dir),
         "vocab_size": vocab,
         "dtype": np.dtype(dtype).name,
@@ -597,7 +585,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
         "tokens": blend["tokens"],
         "seconds": round(time.time() - t0, 2),
     }
-    report._atomic_write_json(Path(str(out_prefix) + ".stats.json"), stats)
+    files.write_json(Path(str(out_prefix) + ".stats.json"), stats)
     return stats
 
 

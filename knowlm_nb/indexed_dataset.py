@@ -21,20 +21,21 @@ Tokens are ``uint16`` when the vocabulary fits (Megatron's rule: fewer than
 KnowLM's original wrote a headerless ``.idx`` of its own (uint64 start, uint16
 length) that no other tool reads; this one is the ecosystem's format.
 
-Writes are atomic: both files are written under temporary names and renamed
-into place only when complete. Opening a missing, truncated or inconsistent
+Writes are atomic (:class:`knowlm_nb.files.AtomicFile`): both files are
+written under scratch names and renamed into place only when complete, with
+the permissions the umask asks for. Opening a missing, truncated or inconsistent
 dataset raises :class:`IndexedDatasetError` saying what is wrong.
 """
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from array import array
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from . import files
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -107,21 +108,18 @@ class IndexedDatasetWriter:
         self._max = np.iinfo(self.dtype).max if self.dtype.kind in "iu" else None
         self.sizes = array("i")
         self.doc_idx = array("q", [0])
-        self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp_bin = tempfile.mkstemp(dir=self.prefix.parent,
-                                             prefix=f".{self.prefix.name}.", suffix=".bin.tmp")
-        self._fh = os.fdopen(fd, "wb")
-        self._closed = False
+        self._bin = files.AtomicFile(paths(self.prefix)[0], "wb")
+        self.closed = False           # True once committed (close) or discarded (abort)
 
     def add_sequence(self, ids) -> None:
         arr = np.asarray(ids)
         if arr.ndim != 1 or len(arr) == 0:
             raise IndexedDatasetError(f"a sequence must be a non-empty 1-D list of ids, "
                                       f"got shape {arr.shape}")
-        if self._max is not None and len(arr) and (arr.min() < 0 or arr.max() > self._max):
+        if self._max is not None and (arr.min() < 0 or arr.max() > self._max):
             raise IndexedDatasetError(f"token id out of range for {self.dtype}: "
                                       f"min {arr.min()}, max {arr.max()}")
-        self._fh.write(arr.astype(self.dtype, copy=False).tobytes())
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
         self.sizes.append(len(arr))
 
     def end_document(self) -> None:
@@ -130,31 +128,25 @@ class IndexedDatasetWriter:
             self.doc_idx.append(len(self.sizes))
 
     def close(self) -> None:
-        """Write the index and move both files into place."""
-        if self._closed:
+        """Write the index and move both files into place (a no-op once closed)."""
+        if self.closed:
             return
         self.end_document()
-        self._fh.close()
         bin_path, idx_path = paths(self.prefix)
-        tmp_idx = self._tmp_bin[:-len(".bin.tmp")] + ".idx.tmp"
         try:
-            with open(tmp_idx, "wb") as fh:
-                fh.write(index_bytes(self.sizes, self.doc_idx, self.dtype))
             idx_path.unlink(missing_ok=True)  # never a new .bin next to an old .idx
-            os.replace(self._tmp_bin, bin_path)
-            os.replace(tmp_idx, idx_path)
+            self._bin.commit()
+            files.write_bytes(idx_path, index_bytes(self.sizes, self.doc_idx, self.dtype))
         except BaseException:
             self.abort()
-            Path(tmp_idx).unlink(missing_ok=True)
             raise
-        self._closed = True
+        self.closed = True
 
     def abort(self) -> None:
-        """Discard everything written so far."""
-        if not self._fh.closed:
-            self._fh.close()
-        Path(self._tmp_bin).unlink(missing_ok=True)
-        self._closed = True
+        """Discard everything written so far (a no-op once closed)."""
+        if not self.closed:
+            self._bin.abort()
+        self.closed = True
 
     def __enter__(self):
         return self

@@ -144,6 +144,6 @@ def test_bad_mode_and_min_len():
 
 def test_pieces_cut_long_strings_at_spaces_and_lose_nothing():
     text = ("word " * 3000) + "x" * 9000
-    pieces = chunking._pieces(text, 4096)
+    pieces = chunking.pieces(text, 4096)
     assert "".join(pieces) == text and max(map(len, pieces)) <= 4096
     assert pieces[0].endswith("word") or pieces[0].endswith(" ")
