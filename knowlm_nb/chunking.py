@@ -23,9 +23,11 @@ algorithms, on lengths only.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -102,6 +104,39 @@ def knowlm_spans(lengths: Sequence[int], max_len: int) -> list[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------ chunker
+
+class TokenizerFiles:
+    """The parts of a saved Hugging Face fast tokenizer the chunker needs, read
+    without importing ``transformers`` (seconds of start-up in every worker).
+
+    ``backend_tokenizer`` (the Rust tokenizer), ``bos_token_id``,
+    ``eos_token_id`` and ``len()`` (the vocabulary with added tokens), as on a
+    ``PreTrainedTokenizerFast``; :class:`Chunker` takes either.
+    """
+
+    def __init__(self, folder):
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ChunkError(f"no fast tokenizer (tokenizer.json) in {folder}")
+        self.backend_tokenizer = Tokenizer.from_file(str(path))
+        names = {}
+        for conf in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / conf).is_file():
+                for key, value in json.loads((folder / conf).read_text(encoding="utf-8")).items():
+                    if isinstance(value, dict):
+                        value = value.get("content")
+                    if key in ("bos_token", "eos_token") and isinstance(value, str):
+                        names.setdefault(key, value)
+        self.bos_token_id, self.eos_token_id = (
+            self.backend_tokenizer.token_to_id(names[k]) if k in names else None
+            for k in ("bos_token", "eos_token"))
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
 
 @dataclass
 class ChunkStats:
@@ -362,8 +397,6 @@ def _raw_backend(tokenizer):
     """The Rust tokenizer behind a HF fast tokenizer, copied so that text such as
     ``"</s>"`` is encoded as text, never as the special token; and, for a plain
     byte-level BPE (no normalizer), the number of text bytes of every token id."""
-    import json
-
     from tokenizers import Tokenizer
 
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -188,6 +188,8 @@ def scan(inputs) -> list[dict]:
 
 # ----------------------------------------------------------------- cleaning
 
+_SPACE = re.compile(r"\s+")
+_NOT_LETTER = re.compile(r"[\W\d_]+")     # what is left are letters, of any script
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
 
 
@@ -216,9 +218,10 @@ def quality_reason(text: str, lang: str, filters: Filters = Filters()) -> str | 
     if len(text) < filters.min_chars:
         return "too_short"
     if lang != "code":
-        visible = [ch for ch in text[:20000] if not ch.isspace()]
-        letters = sum(ch.isalpha() for ch in visible)
-        if visible and letters / len(visible) < filters.min_text_ratio:
+        head = text[:20000]
+        visible = len(_SPACE.sub("", head))
+        letters = len(_NOT_LETTER.sub("", head))
+        if visible and letters / visible < filters.min_text_ratio:
             return "low_text_ratio"
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
     if len(lines) >= 4:
@@ -371,12 +374,11 @@ def cleaned_sentences(inputs, dedup: bool = True) -> Iterator[tuple[Document, li
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_dir: str, max_len: int, mode: str, min_len: int, dedup: bool):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+def _init_worker(tokenizer_dir: str, max_len: int, mode: str, min_len: int, dedup: bool,
+                 dtype: str):
+    tok = chunking.TokenizerFiles(tokenizer_dir)
     _worker.update(chunker=chunking.Chunker(tok, max_len, mode=mode, min_len=min_len),
-                   dedup=dedup)
+                   dedup=dedup, dtype=np.dtype(dtype))
 
 
 def _process(batch: list[Document]) -> list[dict]:
@@ -395,7 +397,9 @@ def _process(batch: list[Document]) -> list[dict]:
     it = iter(chunker.tokenize(texts))      # one tokenizer call for the batch
     for r in results:
         if r["reason"] is None:
-            r["samples"], r["stats"] = chunker.pack_tokens(*next(it))
+            samples, r["stats"] = chunker.pack_tokens(*next(it))
+            # ids < the vocabulary size, which the token dtype holds (token_dtype)
+            r["samples"] = [s.astype(_worker["dtype"]) for s in samples]
     return results
 
 
@@ -492,8 +496,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise CorpusError(f"no fast tokenizer (tokenizer.json) in {tokenizer_dir}")
-    from transformers import AutoTokenizer
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    vocab = len(chunking.TokenizerFiles(tokenizer_dir))
     dtype = indexed_dataset.token_dtype(vocab)
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -507,7 +510,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
     parts = Path(tempfile.mkdtemp(dir=out_prefix.parent, prefix=f".{out_prefix.name}.parts-"))
     writers: dict[str, indexed_dataset.IndexedDatasetWriter] = {}
     deduper = Deduper() if dedup else None
-    init = (str(tokenizer_dir), max_len, mode, min_len, dedup)
+    init = (str(tokenizer_dir), max_len, mode, min_len, dedup, np.dtype(dtype).name)
     pool = None
     try:
         batches = _batches(iter_documents(found, strict=strict, problems=problems), batch_docs)
@@ -617,6 +620,8 @@ def _write_blend(parts: Path, out_prefix: Path, groups: dict, weights, num_sampl
     n_total = num_samples if num_samples is not None else sum(counts.values())
     dataset_index, sample_index, names = blend_index(counts, w, n_total, seed)
     tokens = Counter()
+    bins = [data[g].tokens for g in names]
+    starts = [data[g].pointers // np.dtype(dtype).itemsize for g in names]
     with indexed_dataset.IndexedDatasetWriter(out_prefix, dtype) as out:
         prev = None
         for d, s in zip(dataset_index.tolist(), sample_index.tolist()):
@@ -625,7 +630,7 @@ def _write_blend(parts: Path, out_prefix: Path, groups: dict, weights, num_sampl
             if doc != prev:
                 out.end_document()
                 prev = doc
-            seq = ds[s]
+            seq = bins[d][starts[d][s]:starts[d][s] + ds.sizes[s]]
             out.add_sequence(seq)
             tokens[names[d]] += len(seq)
     drawn = Counter(names[d] for d in dataset_index.tolist())
