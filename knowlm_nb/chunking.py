@@ -267,6 +267,7 @@ class Chunker:
         if self._backend is None:
             self._backend, self._byte_len = _raw_backend(self.tokenizer)
         self.work.update(calls=1, strings=len(segments), chars=sum(map(len, segments)))
+        self.work["longest"] = max(self.work["longest"], max(map(len, segments)))
         all_ids, all_bounds = [], []
         if self._byte_len is not None:
             # byte-level BPE: every token is a run of the text's UTF-8 bytes, so

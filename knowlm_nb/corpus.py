@@ -287,6 +287,7 @@ _ZH_SENT = re.compile(
     rf"[^{re.escape(_ZH_END)}…\n]*(?:(?:[{re.escape(_ZH_END)}]|…+)+[{re.escape(_ZH_CLOSE)}]*\n*|\n+|$)")
 _EN_END = re.compile(r"[.!?]")
 _LINES = re.compile(r"[^\n]*\n*")
+_SPACES = re.compile(r"\s*")
 _CODE_BLOCK = re.compile(r"(async\s+def|def|class|function|fn|func|public|private|"
                          r"static|struct|impl|interface|#include|@)\b|@")
 
@@ -317,7 +318,7 @@ def split_en(text: str) -> list[str]:
         # a sentence ends after its last visible character; the space after it
         # starts the next one, unless it holds a line break (counted above)
         end = pos - (len(seg) - len(seg.rstrip()))
-        if "\n" not in text[end:pos]:
+        if "\n" not in _SPACES.match(text, end).group(0):
             bounds.add(end)
     bounds = sorted(b for b in bounds if 0 < b < len(text) and text[b:].strip())
     return [text[a:b] for a, b in zip([0] + bounds, bounds + [len(text)])]
