@@ -17,9 +17,13 @@ does that, and fixes what the original got wrong:
   pass it extends each sample *backwards* over previous sentences while they
   fit, so consecutive samples overlap and that text is trained on twice.
 
-Sentences are tokenized in batches with the fast tokenizer (one call for many
-documents). :func:`greedy_cuts` and :func:`knowlm_spans` are the pure
-algorithms, on lengths only.
+Each document is tokenized **once, whole** (one batched call of the fast
+tokenizer for many documents), and its sentence ends are mapped to token
+boundaries (from the tokens' byte lengths for a byte-level BPE, else from
+their character offsets); packing cuts only at those boundaries. So the
+samples hold exactly the document's own tokenization: no merge is lost at a
+sentence boundary, and the cost is the tokenizer's. :func:`greedy_cuts` and
+:func:`knowlm_spans` are the pure algorithms, on lengths only.
 """
 from __future__ import annotations
 
@@ -156,12 +160,12 @@ class ChunkStats:
     lengths: list = field(default_factory=list, repr=False)  # kept sample lengths
 
     def add(self, other: "ChunkStats") -> None:
-        for name in self.__dataclass_fields__:
-            value = getattr(other, name)
+        mine = self.__dict__
+        for name, value in other.__dict__.items():
             if name == "lengths":
                 self.lengths.extend(value)
             else:
-                setattr(self, name, getattr(self, name) + value)
+                mine[name] += value
 
     def summary(self, max_len: int) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "lengths"}

@@ -14,11 +14,11 @@ in memory, and writes a Megatron indexed dataset (``PREFIX.bin`` +
 3. **deduplicate**: exact duplicates by hash, near duplicates with MinHash
    LSH (datasketch) over character 5-grams;
 4. **split** into sentences offline: Chinese by regex (closing quotes and
-   brackets stay with their sentence), English with pysbd (rule-based:
-   abbreviations, decimals, initials), code between lines at blank lines and
-   top-level blocks;
-5. **pack** with :mod:`knowlm_nb.chunking` (batched tokenization, ``num_proc``
-   worker processes over documents);
+   brackets stay with their sentence), English with sentencex (rule-based:
+   abbreviations, decimals, initials) and at line breaks, code between lines
+   at blank lines and top-level blocks;
+5. **pack** with :mod:`knowlm_nb.chunking` (each document tokenized once,
+   whole, in batches; ``num_proc`` worker processes over documents);
 6. **mix**: per-language weights (default KnowLM's zh 5.5M : en 1.5M : code
    0.9M samples) give a deterministic blended order, as Megatron's
    ``BlendedDataset`` does; the output holds the samples in that order.
@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import re
 import shutil
 import sys
@@ -188,8 +189,6 @@ def scan(inputs) -> list[dict]:
 
 # ----------------------------------------------------------------- cleaning
 
-_SPACE = re.compile(r"\s+")
-_NOT_LETTER = re.compile(r"[\W\d_]+")     # what is left are letters, of any script
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
 
 
@@ -219,8 +218,8 @@ def quality_reason(text: str, lang: str, filters: Filters = Filters()) -> str | 
         return "too_short"
     if lang != "code":
         head = text[:20000]
-        visible = len(_SPACE.sub("", head))
-        letters = len(_NOT_LETTER.sub("", head))
+        visible = len(head) - sum(map(str.isspace, head))
+        letters = sum(map(str.isalpha, head))
         if visible and letters / visible < filters.min_text_ratio:
             return "low_text_ratio"
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
@@ -476,7 +475,7 @@ def resolve_weights(weights, groups: Iterable[str]) -> dict[str, float]:
 
 # ------------------------------------------------------------------ prepare
 
-def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
+def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int | None = None,
             min_len: int = 0, weights=None, strict: bool = False, progress: bool = True,
             mode: str = "greedy", dedup: bool = True, num_samples: int | None = None,
             seed: int = 0, batch_docs: int = 32) -> dict:
@@ -488,10 +487,13 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
     ``weights``: ``None`` for KnowLM's zh/en/code proportions, ``"natural"``
     for the corpus' own, or ``{"zh": .., "en": .., "code": ..}``.
     ``num_samples`` of the blend defaults to the number of samples packed.
+    ``num_proc`` worker processes (default: the cores this process may use).
     """
     t0 = time.time()
     chunking.check_max_len(max_len, min_len)
-    if not isinstance(num_proc, int) or num_proc < 1:
+    if num_proc is None:
+        num_proc = cores()
+    if not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1:
         raise CorpusError(f"num_proc must be a positive int, got {num_proc!r}")
     found = input_files(inputs)
     tokenizer_dir = Path(tokenizer_dir)
@@ -593,6 +595,14 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
     return stats
 
 
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # not on Linux
+        return os.cpu_count() or 1
+
+
 def _progress(enabled: bool):
     if not enabled:
         return None
@@ -677,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, help="Hugging Face fast tokenizer folder")
     p.add_argument("--max-len", type=int, required=True, help="tokens per sample, BOS/EOS included")
     p.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin, .idx, .stats.json)")
-    p.add_argument("--num-proc", type=int, default=1)
+    p.add_argument("--num-proc", type=int, default=None,
+                   help="worker processes (default: the machine's cores)")
     p.add_argument("--min-len", type=int, default=0, help="drop samples shorter than this (counted)")
     p.add_argument("--weights", default=None,
                    help="mix: 'knowlm' (default, zh 5.5 : en 1.5 : code 0.9), 'natural', "
