@@ -23,24 +23,27 @@ import json, sys, time
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
 texts = [json.loads(line)["text"] for path in sys.argv[2:] for line in open(path, encoding="utf-8")]
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 for i in range(0, len(texts), 32):
     tok.encode_batch_fast(texts[i:i + 32], add_special_tokens=False)
-wall = time.perf_counter() - t
-print(json.dumps({"wall": wall}))
+print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - c}))
 """
 
 _PREPARE = """
 import json, resource, sys, time
 from knowlm_nb import corpus
 kw = json.loads(sys.argv[1])
+r0 = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
 t = time.perf_counter()
 s = corpus.prepare(progress=False, weights="natural", **kw)
 wall = time.perf_counter() - t
 r = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-print(json.dumps({"wall": wall, "cpu": sum(x.ru_utime + x.ru_stime for x in r),
-                  "rss_mb": r[0].ru_maxrss / 1024, "tokens": s["tokens"], "samples": s["samples"],
-                  "chunking": s["chunking"]}))
+cpu = sum(b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime for a, b in zip(r0, r))
+# peak RSS of this process (VmHWM: ru_maxrss would keep the parent's peak across exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+rss = int(hwm[0].split()[1]) / 1024 if hwm else r[0].ru_maxrss / 1024
+print(json.dumps({"wall": wall, "cpu": cpu, "rss_mb": rss, "tokens": s["tokens"],
+                  "samples": s["samples"], "chunking": s["chunking"]}))
 """
 
 
@@ -181,6 +184,9 @@ def bench_chunking(argv: list[str]) -> dict:
         "prepare_tokens_per_s": round(tokens / wall["prepare_1_proc"]),
         # the whole command / the raw batch tokenizer, same thread count (target >= 0.8)
         "prepare_vs_raw_1_proc": ratio("raw_1_thread", "prepare_1_proc"),
+        # the same in CPU seconds: what the load of other processes disturbs least
+        "prepare_vs_raw_1_proc_cpu": round(best["raw_1_thread"]["cpu"]
+                                           / best["prepare_1_proc"]["cpu"], 3),
         "prepare_vs_raw_1_proc_dedup": ratio("raw_1_thread", "prepare_1_proc_dedup"),
         "prepare_vs_raw_1_proc_knowlm": ratio("raw_1_thread", "prepare_1_proc_knowlm"),
         "prepare_vs_raw_2_procs": ratio("raw_2_threads", "prepare_2_procs"),

@@ -372,6 +372,10 @@ def cleaned_sentences(inputs, dedup: bool = True) -> Iterator[tuple[Document, li
 # ------------------------------------------------------- per-document worker
 
 _worker: dict = {}
+# workers start by fork on Linux (no re-import: ~0.3 s less per worker); a forked
+# child never uses a thread pool the parent's tokenizer may have started (tokenizers
+# turns its parallelism off after a fork, and each worker tokenizes on one thread)
+_START = "fork" if sys.platform == "linux" else "spawn"
 
 
 def _init_worker(tokenizer_dir: str, max_len: int, mode: str, min_len: int, dedup: bool,
@@ -518,7 +522,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int | Non
     try:
         batches = _batches(iter_documents(found, strict=strict, problems=problems), batch_docs)
         if num_proc > 1:
-            pool = multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, init)
+            pool = multiprocessing.get_context(_START).Pool(num_proc, _init_worker, init)
             results = pool.imap(_process, batches)
         else:
             _init_worker(*init)
