@@ -284,7 +284,6 @@ class Chunker:
                 n_bytes = len(seg) if seg.isascii() else len(seg.encode("utf-8"))
                 if len(ids) and tok_end[-1] != n_bytes:
                     self._byte_len = None       # not a plain byte-level BPE: use offsets
-                    self.work["calls"] -= 1
                     return self._encode(segments, ends)
                 all_ids.append(ids)
                 all_bounds.append(np.searchsorted(tok_end, byte_ends, side="right").tolist())

@@ -217,9 +217,7 @@ def quality_reason(text: str, lang: str, filters: Filters = Filters()) -> str | 
     if len(text) < filters.min_chars:
         return "too_short"
     if lang != "code":
-        head = text[:20000]
-        visible = len(head) - sum(map(str.isspace, head))
-        letters = sum(map(str.isalpha, head))
+        visible, letters = _count_visible_and_letters(text[:20000])
         if visible and letters / visible < filters.min_text_ratio:
             return "low_text_ratio"
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
@@ -228,6 +226,24 @@ def quality_reason(text: str, lang: str, filters: Filters = Filters()) -> str | 
         if repeated / len(lines) > filters.max_dup_line_ratio:
             return "repetitive"
     return None
+
+
+_BMP_CLASSES: np.ndarray | None = None     # per code point < 65536: 1 space, 2 letter
+
+
+def _count_visible_and_letters(text: str) -> tuple[int, int]:
+    """Characters that are not whitespace, and letters (``str.isalpha``), vectorized."""
+    global _BMP_CLASSES
+    if _BMP_CLASSES is None:
+        chars = [chr(i) for i in range(65536)]
+        _BMP_CLASSES = (np.fromiter(map(str.isspace, chars), dtype=np.uint8, count=65536)
+                        + 2 * np.fromiter(map(str.isalpha, chars), dtype=np.uint8, count=65536))
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    bmp = cps < 65536
+    counts = np.bincount(_BMP_CLASSES[cps[bmp]], minlength=3)
+    rest = [chr(c) for c in cps[~bmp].tolist()]              # beyond the BMP: rare
+    spaces = int(counts[1]) + sum(map(str.isspace, rest))
+    return len(text) - spaces, int(counts[2]) + sum(map(str.isalpha, rest))
 
 
 # -------------------------------------------------------------------- dedup
