@@ -309,7 +309,8 @@ class Chunker:
         ids = np.fromiter(chain.from_iterable(sentences), dtype=np.int64, count=sum(lengths))
         return self.pack_tokens(ids, lengths)
 
-    def pack_tokens(self, ids: np.ndarray, lengths: list[int]) -> tuple[list[np.ndarray], ChunkStats]:
+    def pack_tokens(self, ids: np.ndarray,
+                    lengths: list[int]) -> tuple[list[np.ndarray], ChunkStats]:
         """Samples of one document from its token ids and its units' lengths
         (``sum(lengths) == len(ids)``)."""
         lengths = [n for n in lengths if n]

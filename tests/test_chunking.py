@@ -170,7 +170,8 @@ sentence_text = st.text(alphabet="ab cd,.!?\n中文。，！“”é😀\t", max
 
 
 @settings(max_examples=150, deadline=None)
-@given(sentences=st.lists(sentence_text, max_size=12), max_len=st.integers(min_value=3, max_value=40))
+@given(sentences=st.lists(sentence_text, max_size=12),
+       max_len=st.integers(min_value=3, max_value=40))
 def test_samples_concatenate_to_the_documents_whole_tokenization(tokenizers_two_ways, sentences,
                                                                  max_len):
     found = []
