@@ -17,14 +17,21 @@ does that, and fixes what the original got wrong:
   pass it extends each sample *backwards* over previous sentences while they
   fit, so consecutive samples overlap and that text is trained on twice.
 
-Sentences are tokenized in batches with the fast tokenizer (one call for many
-documents). :func:`greedy_cuts` and :func:`knowlm_spans` are the pure
-algorithms, on lengths only.
+Each document is tokenized **once, whole** (one batched call of the fast
+tokenizer for many documents), and its sentence ends are mapped to token
+boundaries (from the tokens' byte lengths for a byte-level BPE, else from
+their character offsets); packing cuts only at those boundaries. So the
+samples hold exactly the document's own tokenization: no merge is lost at a
+sentence boundary, and the cost is the tokenizer's. :func:`greedy_cuts` and
+:func:`knowlm_spans` are the pure algorithms, on lengths only.
 """
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -102,6 +109,39 @@ def knowlm_spans(lengths: Sequence[int], max_len: int) -> list[tuple[int, int]]:
 
 # ------------------------------------------------------------------ chunker
 
+class TokenizerFiles:
+    """The parts of a saved Hugging Face fast tokenizer the chunker needs, read
+    without importing ``transformers`` (seconds of start-up in every worker).
+
+    ``backend_tokenizer`` (the Rust tokenizer), ``bos_token_id``,
+    ``eos_token_id`` and ``len()`` (the vocabulary with added tokens), as on a
+    ``PreTrainedTokenizerFast``; :class:`Chunker` takes either.
+    """
+
+    def __init__(self, folder):
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ChunkError(f"no fast tokenizer (tokenizer.json) in {folder}")
+        self.backend_tokenizer = Tokenizer.from_file(str(path))
+        names = {}
+        for conf in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / conf).is_file():
+                for key, value in json.loads((folder / conf).read_text(encoding="utf-8")).items():
+                    if isinstance(value, dict):
+                        value = value.get("content")
+                    if key in ("bos_token", "eos_token") and isinstance(value, str):
+                        names.setdefault(key, value)
+        self.bos_token_id, self.eos_token_id = (
+            self.backend_tokenizer.token_to_id(names[k]) if k in names else None
+            for k in ("bos_token", "eos_token"))
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+
 @dataclass
 class ChunkStats:
     """What the chunker did, summed over documents."""
@@ -114,28 +154,43 @@ class ChunkStats:
     duplicated_tokens: int = 0     # tokens that appear in more than one sample (knowlm mode)
     dropped_samples: int = 0       # shorter than min_len
     dropped_tokens: int = 0
+    long_documents: int = 0        # documents longer than one sample: they can fill theirs
+    long_samples: int = 0          # their samples
+    long_tokens: int = 0           # and tokens
     lengths: list = field(default_factory=list, repr=False)  # kept sample lengths
 
     def add(self, other: "ChunkStats") -> None:
-        for name in self.__dataclass_fields__:
-            value = getattr(other, name)
+        mine = self.__dict__
+        for name, value in other.__dict__.items():
             if name == "lengths":
                 self.lengths.extend(value)
             else:
-                setattr(self, name, getattr(self, name) + value)
+                mine[name] += value
 
     def summary(self, max_len: int) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "lengths"}
-        d["mean_fill"] = round(self.tokens / (self.samples * max_len), 4) if self.samples else 0.0
+        d["mean_fill"] = _fill(self.tokens, self.samples, max_len)
+        # a document shorter than max_len cannot fill its one sample: report the two apart
+        d["mean_fill_long"] = _fill(self.long_tokens, self.long_samples, max_len)
+        d["mean_fill_short"] = _fill(self.tokens - self.long_tokens,
+                                     self.samples - self.long_samples, max_len)
         return d
+
+
+def _fill(tokens: int, samples: int, max_len: int) -> float:
+    return round(tokens / (samples * max_len), 4) if samples else 0.0
 
 
 class Chunker:
     """Turn documents (lists of sentence strings) into samples of token ids.
 
-    ``chunk(docs)`` tokenizes every sentence of every document in one batched
-    call and packs each document; it returns, per document, a list of numpy
-    int arrays (the samples). Counts accumulate in ``self.stats``.
+    ``chunk(docs)`` tokenizes every document *once*, whole (one batched
+    tokenizer call for all of them), finds the token boundary at the end of
+    each sentence, and packs each document on those boundaries. It returns,
+    per document, a list of numpy int arrays (the samples) whose content is
+    exactly the document's own tokenization. Counts accumulate in
+    ``self.stats``; the tokenizer's work (calls, strings, characters, tokens)
+    in ``self.work``.
     """
 
     def __init__(self, tokenizer, max_len: int, mode: str = "greedy", min_len: int = 0):
@@ -147,52 +202,128 @@ class Chunker:
         if self.bos is None or self.eos is None:
             raise ChunkError("the tokenizer needs a BOS and an EOS token")
         self._backend = None          # the Rust tokenizer, made on first use
+        self._byte_len = None         # bytes per token id, for a byte-level BPE
         self.stats = ChunkStats()
+        self.work: Counter = Counter()
 
     # -- tokenization ---------------------------------------------------------
-    def tokenize(self, docs: list[list[str]]) -> list[list[list[int]]]:
-        """Token ids of every sentence, one batched tokenizer call for all documents.
+    def units(self, sentences: list[str]) -> list[str]:
+        """What a document is packed in: its sentences, except that a sentence
+        longer than ``max_len`` characters with line breaks (code) is cut at
+        them, so that it can be packed line by line."""
+        out = []
+        for s in sentences:
+            if len(s) > self.max_len and "\n" in s:
+                out.extend(s.splitlines(keepends=True))
+            elif s:
+                out.append(s)
+        return out
 
-        Over-long sentences with line breaks are first cut at them (code);
-        very long strings are tokenized in pieces and re-joined.
+    def tokenize(self, docs: list[list[str]]) -> list[tuple[np.ndarray, list[int]]]:
+        """Each document tokenized once, whole: ``(ids, token length of each unit)``.
+
+        One batched tokenizer call for all the documents. A unit (see
+        :meth:`units`) ends after the last token that ends inside it (a token
+        that straddles a sentence end, rare, opens the next unit). A unit
+        longer than :data:`PIECE_CHARS` characters is tokenized in pieces, cut
+        at a space when one is near, so that hostile input costs linear time.
         """
-        flat: list[str] = []
-        owner: list[tuple[int, int]] = []   # (doc, unit) for every piece in flat
-        units_per_doc = []
-        # a sentence with line breaks longer than this many characters might exceed a sample
-        split_lines_over = self.max_len
+        segments: list[str] = []            # the strings the tokenizer gets
+        ends: list[list[int]] = []          # per segment: character offsets where units end
+        owner: list[int] = []               # per segment: its document
         for d, sentences in enumerate(docs):
-            u = 0
-            for s in sentences:
-                parts = (s.splitlines(keepends=True)
-                         if len(s) > split_lines_over and "\n" in s else [s])
-                for part in parts:
-                    for piece in _pieces(part):
-                        flat.append(piece)
-                        owner.append((d, u))
-                    u += 1
-            units_per_doc.append(u)
-        out = [[[] for _ in range(n)] for n in units_per_doc]
-        if flat:
-            if self._backend is None:
-                self._backend = _raw_backend(self.tokenizer)
-            for (d, u), enc in zip(owner, self._backend.encode_batch_fast(
-                    flat, add_special_tokens=False)):
-                out[d][u].extend(enc.ids)
-        return [[u for u in doc if u] for doc in out]
+            cur: list[str] = []
+            cur_ends: list[int] = []
+            for u in self.units(sentences):
+                if len(u) <= PIECE_CHARS:
+                    cur.append(u)
+                    cur_ends.append((cur_ends[-1] if cur_ends else 0) + len(u))
+                    continue
+                if cur:
+                    segments.append("".join(cur)), ends.append(cur_ends), owner.append(d)
+                    cur, cur_ends = [], []
+                parts = pieces(u)
+                for k, part in enumerate(parts):
+                    segments.append(part), owner.append(d)
+                    ends.append([len(part)] if k == len(parts) - 1 else [])
+            if cur:
+                segments.append("".join(cur)), ends.append(cur_ends), owner.append(d)
+        ids_of: list[list[np.ndarray]] = [[] for _ in docs]
+        lengths_of: list[list[int]] = [[] for _ in docs]
+        carry = [0] * len(docs)             # tokens of a unit begun in an earlier segment
+        for d, ids, bounds in zip(owner, *self._encode(segments, ends)):
+            ids_of[d].append(ids)
+            prev = 0
+            for b in bounds:
+                lengths_of[d].append(carry[d] + b - prev)
+                carry[d], prev = 0, b
+            carry[d] += len(ids) - prev
+        return [(ids[0] if len(ids) == 1 else
+                 np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64),
+                 [n for n in lengths if n])
+                for ids, lengths in zip(ids_of, lengths_of)]
+
+    def _encode(self, segments: list[str], ends: list[list[int]]):
+        """Token ids of every segment (one tokenizer call), and the number of
+        tokens that end at or before each of its unit ends."""
+        if not segments:
+            return [], []
+        if self._backend is None:
+            self._backend, self._byte_len = _raw_backend(self.tokenizer)
+        self.work.update(calls=1, strings=len(segments), chars=sum(map(len, segments)))
+        self.work["longest"] = max(self.work["longest"], max(map(len, segments)))
+        all_ids, all_bounds = [], []
+        if self._byte_len is not None:
+            # byte-level BPE: every token is a run of the text's UTF-8 bytes, so
+            # the running sum of the tokens' byte lengths gives where each ends
+            for seg, seg_ends, enc in zip(segments, ends, self._backend.encode_batch_fast(
+                    segments, add_special_tokens=False)):
+                ids = np.array(enc.ids, dtype=np.int64)
+                tok_end = np.cumsum(self._byte_len[ids])
+                byte_ends = seg_ends if seg.isascii() else _utf8_offsets(seg, seg_ends)
+                n_bytes = len(seg) if seg.isascii() else len(seg.encode("utf-8"))
+                if len(ids) and tok_end[-1] != n_bytes:
+                    self._byte_len = None       # not a plain byte-level BPE: use offsets
+                    return self._encode(segments, ends)
+                all_ids.append(ids)
+                all_bounds.append(np.searchsorted(tok_end, byte_ends, side="right").tolist())
+        else:
+            # any other fast tokenizer: the character offsets of every token
+            for seg_ends, enc in zip(ends, self._backend.encode_batch(
+                    segments, add_special_tokens=False)):
+                ids = np.array(enc.ids, dtype=np.int64)
+                tok_end = np.maximum.accumulate(np.array([e for _, e in enc.offsets] or [0]))
+                all_ids.append(ids)
+                all_bounds.append(np.searchsorted(tok_end[:len(ids)], seg_ends,
+                                                  side="right").tolist())
+        for ids, bounds in zip(all_ids, all_bounds):
+            if bounds:
+                bounds[-1] = len(ids)           # the segment's last unit takes every token left
+        self.work["tokens"] += sum(len(i) for i in all_ids)
+        return all_ids, all_bounds
 
     # -- packing --------------------------------------------------------------
     def pack(self, sentences: list[list[int]]) -> tuple[list[np.ndarray], ChunkStats]:
-        """Samples of one document from its tokenized sentences."""
-        st = ChunkStats(documents=1, sentences=len(sentences))
+        """Samples of one document from its sentences' token ids."""
         lengths = [len(s) for s in sentences]
-        st.content_tokens = sum(lengths)
-        if not sentences:
+        ids = np.fromiter(chain.from_iterable(sentences), dtype=np.int64, count=sum(lengths))
+        return self.pack_tokens(ids, lengths)
+
+    def pack_tokens(self, ids: np.ndarray,
+                    lengths: list[int]) -> tuple[list[np.ndarray], ChunkStats]:
+        """Samples of one document from its token ids and its units' lengths
+        (``sum(lengths) == len(ids)``)."""
+        lengths = [n for n in lengths if n]
+        st = ChunkStats(documents=1, sentences=len(lengths), content_tokens=len(ids))
+        if sum(lengths) != len(ids):
+            raise ChunkError(f"unit lengths add up to {sum(lengths)} tokens, the document has "
+                             f"{len(ids)}")
+        if not lengths:
             return [], st
         if self.mode == "greedy":
-            samples = self._pack_greedy(sentences, lengths, st)
+            samples = self._pack_greedy(ids, lengths, st)
         else:
-            samples = self._pack_knowlm(sentences, st)
+            samples = self._pack_knowlm(ids, lengths, st)
         kept = []
         for s in samples:
             if len(s) < self.min_len:
@@ -202,24 +333,31 @@ class Chunker:
                 kept.append(s)
                 st.lengths.append(len(s))
         st.samples, st.tokens = len(kept), sum(len(s) for s in kept)
+        if len(ids) + 2 > self.max_len:     # a long document: it can fill its samples
+            st.long_documents, st.long_samples, st.long_tokens = 1, st.samples, st.tokens
         return kept, st
 
-    def _pack_greedy(self, sentences, lengths, st):
+    def _pack_greedy(self, ids, lengths, st):
         capacity = self.max_len - 1                       # <s> opens every sample
         st.long_sentences = sum(n > capacity for n in lengths)
-        flat = np.fromiter(chain.from_iterable(sentences), dtype=np.int64, count=sum(lengths))
-        flat = np.append(flat, self.eos)                  # </s> closes the document
-        cuts = greedy_cuts(lengths + [1], capacity)
+        cuts = greedy_cuts(lengths + [1], capacity)       # </s> closes the document
         samples, start = [], 0
         for end in cuts:
-            samples.append(np.concatenate(([self.bos], flat[start:end])))
+            s = np.empty(end - start + 1, dtype=np.int64)
+            s[0] = self.bos
+            if end > len(ids):                            # the last sample: content + </s>
+                s[1:-1] = ids[start:]
+                s[-1] = self.eos
+            else:
+                s[1:] = ids[start:end]
+            samples.append(s)
             start = end
         return samples
 
-    def _pack_knowlm(self, sentences, st):
+    def _pack_knowlm(self, ids, lengths, st):
         # the original: <s> on the first sentence, </s> on the last, nothing in
         # between; a unit longer than max_len is cut into max_len-token blocks
-        units = [list(s) for s in sentences]
+        units = [u.tolist() for u in np.split(ids, np.cumsum(lengths)[:-1])]
         units[0] = [self.bos] + units[0]
         units[-1] = units[-1] + [self.eos]
         blocks = []
@@ -238,8 +376,8 @@ class Chunker:
     def chunk(self, docs: list[list[str]]) -> list[list[np.ndarray]]:
         """Samples of every document (lists of sentence strings)."""
         out = []
-        for sentences in self.tokenize(docs):
-            samples, st = self.pack(sentences)
+        for ids, lengths in self.tokenize(docs):
+            samples, st = self.pack_tokens(ids, lengths)
             self.stats.add(st)
             out.append(samples)
         return out
@@ -262,18 +400,41 @@ def compare_modes(tokenizer, docs: list[list[str]], max_len: int) -> list[dict]:
 
 def _raw_backend(tokenizer):
     """The Rust tokenizer behind a HF fast tokenizer, copied so that text such as
-    ``"</s>"`` is encoded as text, never as the special token."""
+    ``"</s>"`` is encoded as text, never as the special token; and, for a plain
+    byte-level BPE (no normalizer), the number of text bytes of every token id."""
     from tokenizers import Tokenizer
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ChunkError("a Hugging Face *fast* tokenizer (tokenizer.json) is needed")
-    backend = Tokenizer.from_str(backend.to_str())
+    spec = backend.to_str()
+    backend = Tokenizer.from_str(spec)
     backend.encode_special_tokens = True
-    return backend
+    spec = json.loads(spec)
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte_level = (spec.get("normalizer") is None and spec["model"].get("type") == "BPE"
+                  and any(s.get("type") == "ByteLevel" for s in steps))
+    if not byte_level:
+        return backend, None
+    # in a byte-level vocabulary every character of a token stands for one byte
+    byte_len = np.zeros(backend.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for token, i in backend.get_vocab(with_added_tokens=True).items():
+        byte_len[i] = len(token)
+    return backend, byte_len
 
 
-def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+def _utf8_offsets(text: str, char_offsets: list[int]) -> list[int]:
+    """The UTF-8 byte offsets of rising character offsets into ``text``."""
+    out, prev, at = [], 0, 0
+    for e in char_offsets:
+        at += len(text[prev:e].encode("utf-8"))
+        out.append(at)
+        prev = e
+    return out
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     """``text`` cut into pieces of about ``size`` characters, at a space when one is near."""
     if len(text) <= size:
         return [text]
@@ -287,13 +448,3 @@ def _pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
         start = end
     pieces.append(text[start:])
     return pieces
-
-
-def strip_specials(sample, bos: int, eos: int) -> list[int]:
-    """A sample's content: ids without the leading ``<s>`` / trailing ``</s>``."""
-    ids = list(sample)
-    if ids and ids[0] == bos:
-        ids = ids[1:]
-    if ids and ids[-1] == eos:
-        ids = ids[:-1]
-    return ids

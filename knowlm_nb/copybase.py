@@ -20,7 +20,7 @@ that taught the shipped base to copy, kept so that it can be read and rebuilt;
 
 Measured recipe: ../shared/notes/tiny-ie-recipe.md.
 
-CLI (about two hours on 2 cores for the shipped stages)::
+CLI (114 min on 2 cores for the shipped stages, as its recipe.json records)::
 
     python -m knowlm_nb.copybase --zoo runs/tiny/00-random --out data_samples/tiny_base [--resume DIR]
 """

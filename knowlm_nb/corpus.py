@@ -14,11 +14,11 @@ in memory, and writes a Megatron indexed dataset (``PREFIX.bin`` +
 3. **deduplicate**: exact duplicates by hash, near duplicates with MinHash
    LSH (datasketch) over character 5-grams;
 4. **split** into sentences offline: Chinese by regex (closing quotes and
-   brackets stay with their sentence), English with pysbd (rule-based:
-   abbreviations, decimals, initials), code between lines at blank lines and
-   top-level blocks;
-5. **pack** with :mod:`knowlm_nb.chunking` (batched tokenization, ``num_proc``
-   worker processes over documents);
+   brackets stay with their sentence), English with sentencex (rule-based:
+   abbreviations, decimals, initials) and at line breaks, code between lines
+   at blank lines and top-level blocks;
+5. **pack** with :mod:`knowlm_nb.chunking` (each document tokenized once,
+   whole, in batches; ``num_proc`` worker processes over documents);
 6. **mix**: per-language weights (default KnowLM's zh 5.5M : en 1.5M : code
    0.9M samples) give a deterministic blended order, as Megatron's
    ``BlendedDataset`` does; the output holds the samples in that order.
@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import re
 import shutil
 import sys
@@ -48,8 +49,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import chunking, indexed_dataset
-from .files import FilesError, find_files, write_json
+from . import chunking, files, indexed_dataset
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 CODE_SUFFIXES = (".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".java", ".go", ".rs", ".sh")
@@ -93,14 +93,14 @@ def input_files(inputs: Iterable[str]) -> list[Path]:
     inputs = list(inputs)
     if not inputs:
         raise CorpusError("no inputs given")
-    files: list[Path] = []
+    found_all: list[Path] = []
     for pattern in inputs:
         try:
-            found = find_files(str(pattern))
-        except FilesError:
+            found = files.find_files(str(pattern))
+        except files.FilesError:
             raise CorpusError(f"no files match {pattern!r}") from None
-        files.extend(f for f in found if f not in files)
-    return files
+        found_all.extend(f for f in found if f not in found_all)
+    return found_all
 
 
 def guess_lang(text: str, path: Path | None = None) -> str:
@@ -132,7 +132,7 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
     return rec, None
 
 
-def iter_documents(files: Iterable[Path], strict: bool = False,
+def iter_documents(paths: Iterable[Path], strict: bool = False,
                    problems: ReadReport | None = None) -> Iterator[Document]:
     """Stream documents from JSONL and plain-text files, one at a time.
 
@@ -140,7 +140,7 @@ def iter_documents(files: Iterable[Path], strict: bool = False,
     ``strict``, raise :class:`CorpusError` naming ``file:line`` and why).
     """
     problems = problems if problems is not None else ReadReport()
-    for path in files:
+    for path in paths:
         path = Path(path)
         if path.suffix not in JSONL_SUFFIXES:
             raw = path.read_bytes()
@@ -190,7 +190,6 @@ def scan(inputs) -> list[dict]:
 # ----------------------------------------------------------------- cleaning
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
-_CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
 
 
 @dataclass
@@ -207,7 +206,7 @@ def normalize(text: str, lang: str) -> str:
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     if lang == "code":
         return _CONTROL.sub("", text).strip("\n")
-    text = _CONTROL_TEXT.sub("", text).replace("\t", " ")
+    text = _CONTROL.sub("", text).replace("\t", " ")
     text = re.sub(r"[ \u3000]+\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
@@ -218,9 +217,8 @@ def quality_reason(text: str, lang: str, filters: Filters = Filters()) -> str | 
     if len(text) < filters.min_chars:
         return "too_short"
     if lang != "code":
-        visible = [ch for ch in text[:20000] if not ch.isspace()]
-        letters = sum(ch.isalpha() for ch in visible)
-        if visible and letters / len(visible) < filters.min_text_ratio:
+        visible, letters = _count_visible_and_letters(text[:20000])
+        if visible and letters / visible < filters.min_text_ratio:
             return "low_text_ratio"
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
     if len(lines) >= 4:
@@ -228,6 +226,24 @@ def quality_reason(text: str, lang: str, filters: Filters = Filters()) -> str | 
         if repeated / len(lines) > filters.max_dup_line_ratio:
             return "repetitive"
     return None
+
+
+_BMP_CLASSES: np.ndarray | None = None     # per code point < 65536: 1 space, 2 letter
+
+
+def _count_visible_and_letters(text: str) -> tuple[int, int]:
+    """Characters that are not whitespace, and letters (``str.isalpha``), vectorized."""
+    global _BMP_CLASSES
+    if _BMP_CLASSES is None:
+        chars = [chr(i) for i in range(65536)]
+        _BMP_CLASSES = (np.fromiter(map(str.isspace, chars), dtype=np.uint8, count=65536)
+                        + 2 * np.fromiter(map(str.isalpha, chars), dtype=np.uint8, count=65536))
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    bmp = cps < 65536
+    counts = np.bincount(_BMP_CLASSES[cps[bmp]], minlength=3)
+    rest = [chr(c) for c in cps[~bmp].tolist()]              # beyond the BMP: rare
+    spaces = int(counts[1]) + sum(map(str.isspace, rest))
+    return len(text) - spaces, int(counts[2]) + sum(map(str.isalpha, rest))
 
 
 # -------------------------------------------------------------------- dedup
@@ -285,10 +301,10 @@ _ZH_CLOSE = "”’\"'」』）)］]】》〉"
 _ZH_SENT = re.compile(
     rf"[^{re.escape(_ZH_END)}…\n]*(?:(?:[{re.escape(_ZH_END)}]|…+)+[{re.escape(_ZH_CLOSE)}]*\n*|\n+|$)")
 _EN_END = re.compile(r"[.!?]")
-_PYSBD_WINDOW = 10_000
+_LINES = re.compile(r"[^\n]*\n*")
+_SPACES = re.compile(r"\s*")
 _CODE_BLOCK = re.compile(r"(async\s+def|def|class|function|fn|func|public|private|"
                          r"static|struct|impl|interface|#include|@)\b|@")
-_pysbd = None
 
 
 def split_zh(text: str) -> list[str]:
@@ -298,38 +314,29 @@ def split_zh(text: str) -> list[str]:
 
 
 def split_en(text: str) -> list[str]:
-    """English with pysbd (rule-based, offline), paragraph by paragraph.
+    """English with sentencex (rule-based, offline, lossless), plus a cut after every line break.
 
     Whitespace between sentences starts the next sentence (as the tokenizer
     sees it in running text); line breaks end the sentence before them.
     """
-    global _pysbd
-    out: list[str] = []
-    for para in re.findall(r"[^\n]*\n*", text):
-        if not para:
-            continue
-        if not _EN_END.search(para):
-            out.append(para)
-            continue
-        if _pysbd is None:
-            import pysbd
-            _pysbd = pysbd.Segmenter(language="en", clean=False)
-        ends = []
-        for w0 in range(0, len(para), _PYSBD_WINDOW):      # windows keep hostile lines linear
-            window = para[w0:w0 + _PYSBD_WINDOW]
-            pos = 0
-            for seg in _pysbd.segment(window):
-                seg = seg.strip()
-                at = window.find(seg, pos) if seg else -1
-                if at < 0:          # pysbd changed the text: no boundary here
-                    continue
-                pos = at + len(seg)
-                ends.append(w0 + pos)
-        # a sentence ends after its last visible character; the space that
-        # follows starts the next one, trailing line breaks stay with the last
-        bounds = sorted({e for e in ends if para[e:].strip()})
-        out.extend(para[a:b] for a, b in zip([0] + bounds, bounds + [len(para)]))
-    return [s for s in out if s]
+    if not _EN_END.search(text):
+        return [m.group(0) for m in _LINES.finditer(text) if m.group(0)]
+    from sentencex import segment
+
+    bounds = {m.end() for m in _LINES.finditer(text)}          # after each run of line breaks
+    segments = list(segment("en", text))
+    if sum(map(len, segments)) != len(text):     # never seen; then only the line breaks
+        segments = []
+    pos = 0
+    for seg in segments:
+        pos += len(seg)
+        # a sentence ends after its last visible character; the space after it
+        # starts the next one, unless it holds a line break (counted above)
+        end = pos - (len(seg) - len(seg.rstrip()))
+        if "\n" not in _SPACES.match(text, end).group(0):
+            bounds.add(end)
+    bounds = sorted(b for b in bounds if 0 < b < len(text) and text[b:].strip())
+    return [text[a:b] for a, b in zip([0] + bounds, bounds + [len(text)])]
 
 
 def split_code(text: str) -> list[str]:
@@ -381,14 +388,17 @@ def cleaned_sentences(inputs, dedup: bool = True) -> Iterator[tuple[Document, li
 # ------------------------------------------------------- per-document worker
 
 _worker: dict = {}
+# workers start by fork on Linux (no re-import: ~0.3 s less per worker); a forked
+# child never uses a thread pool the parent's tokenizer may have started (tokenizers
+# turns its parallelism off after a fork, and each worker tokenizes on one thread)
+_START = "fork" if sys.platform == "linux" else "spawn"
 
 
-def _init_worker(tokenizer_dir: str, max_len: int, mode: str, min_len: int, dedup: bool):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+def _init_worker(tokenizer_dir: str, max_len: int, mode: str, min_len: int, dedup: bool,
+                 dtype: str):
+    tok = chunking.TokenizerFiles(tokenizer_dir)
     _worker.update(chunker=chunking.Chunker(tok, max_len, mode=mode, min_len=min_len),
-                   dedup=dedup)
+                   dedup=dedup, dtype=np.dtype(dtype))
 
 
 def _process(batch: list[Document]) -> list[dict]:
@@ -404,11 +414,12 @@ def _process(batch: list[Document]) -> list[dict]:
                 r["key"], r["minhash"] = exact_key(text), minhash_values(text)
             texts.append(split_sentences(text, doc.lang))
         results.append(r)
-    tokenized = chunker.tokenize(texts)
-    it = iter(tokenized)
+    it = iter(chunker.tokenize(texts))      # one tokenizer call for the batch
     for r in results:
         if r["reason"] is None:
-            r["samples"], r["stats"] = chunker.pack(next(it))
+            samples, r["stats"] = chunker.pack_tokens(*next(it))
+            # ids < the vocabulary size, which the token dtype holds (token_dtype)
+            r["samples"] = [s.astype(_worker["dtype"]) for s in samples]
     return results
 
 
@@ -484,7 +495,7 @@ def resolve_weights(weights, groups: Iterable[str]) -> dict[str, float]:
 
 # ------------------------------------------------------------------ prepare
 
-def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
+def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int | None = None,
             min_len: int = 0, weights=None, strict: bool = False, progress: bool = True,
             mode: str = "greedy", dedup: bool = True, num_samples: int | None = None,
             seed: int = 0, batch_docs: int = 32) -> dict:
@@ -496,17 +507,19 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
     ``weights``: ``None`` for KnowLM's zh/en/code proportions, ``"natural"``
     for the corpus' own, or ``{"zh": .., "en": .., "code": ..}``.
     ``num_samples`` of the blend defaults to the number of samples packed.
+    ``num_proc`` worker processes (default: the cores this process may use).
     """
     t0 = time.time()
     chunking.check_max_len(max_len, min_len)
-    if not isinstance(num_proc, int) or num_proc < 1:
+    if num_proc is None:
+        num_proc = cores()
+    if not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1:
         raise CorpusError(f"num_proc must be a positive int, got {num_proc!r}")
-    files = input_files(inputs)
+    found = input_files(inputs)
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise CorpusError(f"no fast tokenizer (tokenizer.json) in {tokenizer_dir}")
-    from transformers import AutoTokenizer
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    vocab = len(chunking.TokenizerFiles(tokenizer_dir))
     dtype = indexed_dataset.token_dtype(vocab)
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -520,12 +533,12 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
     parts = Path(tempfile.mkdtemp(dir=out_prefix.parent, prefix=f".{out_prefix.name}.parts-"))
     writers: dict[str, indexed_dataset.IndexedDatasetWriter] = {}
     deduper = Deduper() if dedup else None
-    init = (str(tokenizer_dir), max_len, mode, min_len, dedup)
+    init = (str(tokenizer_dir), max_len, mode, min_len, dedup, np.dtype(dtype).name)
     pool = None
     try:
-        batches = _batches(iter_documents(files, strict=strict, problems=problems), batch_docs)
+        batches = _batches(iter_documents(found, strict=strict, problems=problems), batch_docs)
         if num_proc > 1:
-            pool = multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, init)
+            pool = multiprocessing.get_context(_START).Pool(num_proc, _init_worker, init)
             results = pool.imap(_process, batches)
         else:
             _init_worker(*init)
@@ -569,7 +582,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
             w.close()
         if not writers:
             raise CorpusError(
-                f"empty corpus: no document of {len(files)} file(s) survived reading, cleaning "
+                f"empty corpus: no document of {len(found)} file(s) survived reading, cleaning "
                 f"and deduplication ({_drop_summary(sources) or 'no documents at all'})")
         blend = _write_blend(parts, out_prefix, dict(group_stats), weights, num_samples,
                              seed, dtype)
@@ -577,12 +590,12 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
         if pool is not None:
             pool.terminate()
         for w in writers.values():
-            w.abort() if not w._closed else None
+            w.abort()                      # a no-op for a writer already closed
         shutil.rmtree(parts, ignore_errors=True)
 
     stats = {
         "output": str(out_prefix),
-        "files": [str(f) for f in files],
+        "files": [str(f) for f in found],
         "tokenizer": str(tokenizer_dir),
         "vocab_size": vocab,
         "dtype": np.dtype(dtype).name,
@@ -598,8 +611,16 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
         "tokens": blend["tokens"],
         "seconds": round(time.time() - t0, 2),
     }
-    write_json(Path(str(out_prefix) + ".stats.json"), stats)
+    files.write_json(Path(str(out_prefix) + ".stats.json"), stats)
     return stats
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # not on Linux
+        return os.cpu_count() or 1
 
 
 def _progress(enabled: bool):
@@ -630,6 +651,8 @@ def _write_blend(parts: Path, out_prefix: Path, groups: dict, weights, num_sampl
     n_total = num_samples if num_samples is not None else sum(counts.values())
     dataset_index, sample_index, names = blend_index(counts, w, n_total, seed)
     tokens = Counter()
+    bins = [data[g].tokens for g in names]
+    starts = [data[g].pointers // np.dtype(dtype).itemsize for g in names]
     with indexed_dataset.IndexedDatasetWriter(out_prefix, dtype) as out:
         prev = None
         for d, s in zip(dataset_index.tolist(), sample_index.tolist()):
@@ -638,7 +661,7 @@ def _write_blend(parts: Path, out_prefix: Path, groups: dict, weights, num_sampl
             if doc != prev:
                 out.end_document()
                 prev = doc
-            seq = ds[s]
+            seq = bins[d][starts[d][s]:starts[d][s] + ds.sizes[s]]
             out.add_sequence(seq)
             tokens[names[d]] += len(seq)
     drawn = Counter(names[d] for d in dataset_index.tolist())
@@ -684,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, help="Hugging Face fast tokenizer folder")
     p.add_argument("--max-len", type=int, required=True, help="tokens per sample, BOS/EOS included")
     p.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin, .idx, .stats.json)")
-    p.add_argument("--num-proc", type=int, default=1)
+    p.add_argument("--num-proc", type=int, default=None,
+                   help="worker processes (default: the machine's cores)")
     p.add_argument("--min-len", type=int, default=0, help="drop samples shorter than this (counted)")
     p.add_argument("--weights", default=None,
                    help="mix: 'knowlm' (default, zh 5.5 : en 1.5 : code 0.9), 'natural', "

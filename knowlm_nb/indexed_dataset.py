@@ -21,20 +21,21 @@ Tokens are ``uint16`` when the vocabulary fits (Megatron's rule: fewer than
 KnowLM's original wrote a headerless ``.idx`` of its own (uint64 start, uint16
 length) that no other tool reads; this one is the ecosystem's format.
 
-Writes are atomic: both files are written under temporary names and renamed
-into place only when complete. Opening a missing, truncated or inconsistent
+Writes are atomic (:class:`knowlm_nb.files.AtomicFile`): both files are
+written under scratch names and renamed into place only when complete, with
+the permissions the umask asks for. Opening a missing, truncated or inconsistent
 dataset raises :class:`IndexedDatasetError` saying what is wrong.
 """
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from array import array
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from . import files
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -107,21 +108,19 @@ class IndexedDatasetWriter:
         self._max = np.iinfo(self.dtype).max if self.dtype.kind in "iu" else None
         self.sizes = array("i")
         self.doc_idx = array("q", [0])
-        self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp_bin = tempfile.mkstemp(dir=self.prefix.parent,
-                                             prefix=f".{self.prefix.name}.", suffix=".bin.tmp")
-        self._fh = os.fdopen(fd, "wb")
-        self._closed = False
+        self._bin = files.AtomicFile(paths(self.prefix)[0], "wb")
+        self.closed = False           # True once committed (close) or discarded (abort)
 
     def add_sequence(self, ids) -> None:
         arr = np.asarray(ids)
         if arr.ndim != 1 or len(arr) == 0:
             raise IndexedDatasetError(f"a sequence must be a non-empty 1-D list of ids, "
                                       f"got shape {arr.shape}")
-        if self._max is not None and len(arr) and (arr.min() < 0 or arr.max() > self._max):
+        if arr.dtype != self.dtype and self._max is not None and (arr.min() < 0
+                                                                 or arr.max() > self._max):
             raise IndexedDatasetError(f"token id out of range for {self.dtype}: "
                                       f"min {arr.min()}, max {arr.max()}")
-        self._fh.write(arr.astype(self.dtype, copy=False).tobytes())
+        self._bin.write(np.ascontiguousarray(arr, dtype=self.dtype).data)
         self.sizes.append(len(arr))
 
     def end_document(self) -> None:
@@ -130,31 +129,25 @@ class IndexedDatasetWriter:
             self.doc_idx.append(len(self.sizes))
 
     def close(self) -> None:
-        """Write the index and move both files into place."""
-        if self._closed:
+        """Write the index and move both files into place (a no-op once closed)."""
+        if self.closed:
             return
         self.end_document()
-        self._fh.close()
         bin_path, idx_path = paths(self.prefix)
-        tmp_idx = self._tmp_bin[:-len(".bin.tmp")] + ".idx.tmp"
         try:
-            with open(tmp_idx, "wb") as fh:
-                fh.write(index_bytes(self.sizes, self.doc_idx, self.dtype))
             idx_path.unlink(missing_ok=True)  # never a new .bin next to an old .idx
-            os.replace(self._tmp_bin, bin_path)
-            os.replace(tmp_idx, idx_path)
+            self._bin.commit()
+            files.write_bytes(idx_path, index_bytes(self.sizes, self.doc_idx, self.dtype))
         except BaseException:
             self.abort()
-            Path(tmp_idx).unlink(missing_ok=True)
             raise
-        self._closed = True
+        self.closed = True
 
     def abort(self) -> None:
-        """Discard everything written so far."""
-        if not self._fh.closed:
-            self._fh.close()
-        Path(self._tmp_bin).unlink(missing_ok=True)
-        self._closed = True
+        """Discard everything written so far (a no-op once closed)."""
+        if not self.closed:
+            self._bin.abort()
+        self.closed = True
 
     def __enter__(self):
         return self
@@ -258,8 +251,10 @@ class IndexedDataset:
             raise IndexedDatasetError(
                 f"{bin_path}: {'truncated' if have < want else 'too long'}: {have} bytes, "
                 f"the index describes {self.num_tokens} tokens of {self.dtype} ({want} bytes)")
-        self._bin = (np.memmap(bin_path, mode="r", dtype=self.dtype) if want
-                     else np.zeros(0, dtype=self.dtype))
+        #: every token of the file, memory-mapped (sequence ``i`` is
+        #: ``tokens[pointers[i] // itemsize:][:sizes[i]]``)
+        self.tokens = (np.memmap(bin_path, mode="r", dtype=self.dtype) if want
+                       else np.zeros(0, dtype=self.dtype))
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -273,7 +268,7 @@ class IndexedDataset:
         if not 0 <= i < n:
             raise IndexError(f"sequence {i} out of range for {n} sequences")
         start = self.pointers[i] // self.dtype.itemsize
-        return self._bin[start:start + self.sizes[i]]
+        return self.tokens[start:start + self.sizes[i]]
 
     @property
     def num_docs(self) -> int:
@@ -288,48 +283,58 @@ class IndexedDataset:
                 f"documents, {self.num_tokens} tokens of {self.dtype})")
 
 
-def _torch_dataset_base():
+def __getattr__(name):
+    # SampleDataset subclasses torch's Dataset; it is made on first use so that
+    # readers and writers (and corpus' worker processes) never import torch
+    if name == "SampleDataset":
+        globals()[name] = _sample_dataset_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _sample_dataset_class():
     import torch.utils.data
-    return torch.utils.data.Dataset
 
+    class SampleDataset(torch.utils.data.Dataset):
+        """Fixed-length training samples from an indexed dataset (a torch ``Dataset``).
 
-class SampleDataset(_torch_dataset_base()):
-    """Fixed-length training samples from an indexed dataset (a torch ``Dataset``).
+        Item ``i`` is a dict of LongTensors of length ``seq_len``: ``input_ids``
+        (sequence ``i`` then ``pad_id``), ``attention_mask`` (1 on tokens, 0 on
+        padding) and ``labels`` (the ids, ``-100`` on padding so the loss ignores it).
+        Every stored sequence must fit: a longer one is an error, not a silent cut.
+        """
 
-    Item ``i`` is a dict of LongTensors of length ``seq_len``: ``input_ids``
-    (sequence ``i`` then ``pad_id``), ``attention_mask`` (1 on tokens, 0 on
-    padding) and ``labels`` (the ids, ``-100`` on padding so the loss ignores it).
-    Every stored sequence must fit: a longer one is an error, not a silent cut.
-    """
+        def __init__(self, prefix, seq_len: int, pad_id: int):
+            if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+                raise IndexedDatasetError(f"seq_len must be a positive int, got {seq_len!r}")
+            if not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
+                raise IndexedDatasetError(f"pad_id must be a non-negative int, got {pad_id!r}")
+            self.data = IndexedDataset(prefix)
+            self.seq_len, self.pad_id = seq_len, int(pad_id)
+            if len(self.data) == 0:
+                raise IndexedDatasetError(f"{prefix}: the dataset holds no sequences")
+            longest = int(self.data.sizes.max())
+            if longest > seq_len:
+                at = int(np.argmax(self.data.sizes))
+                raise IndexedDatasetError(
+                    f"{prefix}: sequence {at} has {longest} tokens, longer than seq_len={seq_len}; "
+                    f"rebuild the dataset with max_len <= {seq_len} or raise seq_len")
 
-    def __init__(self, prefix, seq_len: int, pad_id: int):
-        if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
-            raise IndexedDatasetError(f"seq_len must be a positive int, got {seq_len!r}")
-        if not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
-            raise IndexedDatasetError(f"pad_id must be a non-negative int, got {pad_id!r}")
-        self.data = IndexedDataset(prefix)
-        self.seq_len, self.pad_id = seq_len, int(pad_id)
-        if len(self.data) == 0:
-            raise IndexedDatasetError(f"{prefix}: the dataset holds no sequences")
-        longest = int(self.data.sizes.max())
-        if longest > seq_len:
-            at = int(np.argmax(self.data.sizes))
-            raise IndexedDatasetError(
-                f"{prefix}: sequence {at} has {longest} tokens, longer than seq_len={seq_len}; "
-                f"rebuild the dataset with max_len <= {seq_len} or raise seq_len")
+        def __len__(self) -> int:
+            return len(self.data)
 
-    def __len__(self) -> int:
-        return len(self.data)
+        def __getitem__(self, i: int) -> dict:
+            import torch
 
-    def __getitem__(self, i: int) -> dict:
-        import torch
+            ids = self.data[i]
+            n = len(ids)
+            input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
+            input_ids[:n] = torch.from_numpy(ids.astype(np.int64))
+            attention_mask = torch.zeros(self.seq_len, dtype=torch.long)
+            attention_mask[:n] = 1
+            labels = input_ids.clone()
+            labels[n:] = -100
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-        ids = self.data[i]
-        n = len(ids)
-        input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
-        input_ids[:n] = torch.from_numpy(ids.astype(np.int64))
-        attention_mask = torch.zeros(self.seq_len, dtype=torch.long)
-        attention_mask[:n] = 1
-        labels = input_ids.clone()
-        labels[n:] = -100
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    SampleDataset.__qualname__ = "SampleDataset"   # picklable by its module-level name
+    return SampleDataset

