@@ -43,7 +43,7 @@ def bench_chunking(argv: list[str]) -> dict:
         tok_dir = tmp / "tokenizer"
         files = tiny.corpus_files("data_samples/corpus/*.jsonl")
         tiny.train_tokenizer(tiny.iter_texts(files)).save_pretrained(tok_dir)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
 
     # the same cleaned text for both: documents, and their sentences
     docs = [d for d, _ in corpus.cleaned_sentences(["data_samples/corpus/*.jsonl"])]

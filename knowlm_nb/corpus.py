@@ -385,7 +385,9 @@ _worker: dict = {}
 def _init_worker(tokenizer_dir: str, max_len: int, mode: str, min_len: int, dedup: bool):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    from . import preflight  # a wrong local path: the project's 'not found'
+    tok = AutoTokenizer.from_pretrained(
+        preflight.require(tokenizer_dir, "tokenizer"), local_files_only=True)
     _worker.update(chunker=chunking.Chunker(tok, max_len, mode=mode, min_len=min_len),
                    dedup=dedup)
 
@@ -505,7 +507,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int = 1,
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise CorpusError(f"no fast tokenizer (tokenizer.json) in {tokenizer_dir}")
     from transformers import AutoTokenizer
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
     dtype = indexed_dataset.token_dtype(vocab)
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
