@@ -75,50 +75,50 @@ def _weights(d: Path) -> list[Path]:
 
 def _missing_model(p: Path) -> str:
     if not (p / "config.json").is_file():
-        return "no config.json"
+        return "has no config.json"
     if not _weights(p):
-        return "config.json but no weights (*.safetensors or pytorch_model*.bin)"
+        return "has config.json but no weights (*.safetensors or pytorch_model*.bin)"
     return ""
 
 
 def _missing_tokenizer(p: Path) -> str:
     if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file():
         return ""
-    return "no tokenizer.json or tokenizer.model"
+    return "has no tokenizer.json or tokenizer.model"
 
 
 def _missing_adapter(p: Path) -> str:
     if not (p / "adapter_config.json").is_file():
-        return "no adapter_config.json"
+        return "has no adapter_config.json"
     if not any((p / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
-        return "adapter_config.json but no adapter_model.safetensors / adapter_model.bin"
+        return "has adapter_config.json but no adapter_model.safetensors or .bin"
     return ""
 
 
 def _missing_dataset(p: Path) -> str:
     absent = [q.name for q in (Path(f"{p}.bin"), Path(f"{p}.idx")) if not q.is_file()]
-    return f"no {' and no '.join(absent)}" if absent else ""
+    return f"lacks {' and '.join(absent)}" if absent else ""
 
 
 def _missing_file(p: Path) -> str:
-    return "" if p.is_file() else "not a file"
+    return "" if p.is_file() else "is not a file"
 
 
 def _missing_json(p: Path) -> str:
     if not p.is_file():
-        return "not a file"
+        return "is not a file"
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"not valid JSON ({exc})"
-    return "" if isinstance(data, dict) else "JSON but not an object"
+        return f"is not valid JSON ({exc})"
+    return "" if isinstance(data, dict) else "is JSON but not an object"
 
 
 def _missing_glob(pattern: str) -> str:
     try:
         files.find_files(pattern)
     except files.FilesError:
-        return "no file matches"
+        return "matches no file"
     return ""
 
 
@@ -199,7 +199,7 @@ def missing(path: str | Path, kind: str) -> str:
         return _missing_glob(str(path))
     path = Path(path)
     if KINDS[kind].folder and not path.is_dir():
-        return "not a folder" if path.exists() else "does not exist"
+        return "is not a folder" if path.exists() else "does not exist"
     if not KINDS[kind].folder and kind != "dataset" and not path.exists():
         return "does not exist"
     return KINDS[kind].missing(path)

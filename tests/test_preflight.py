@@ -43,10 +43,10 @@ def test_a_path_that_exists_but_is_not_a_model_folder_is_named(tmp_path, capsys,
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("- ")]
     tok = next(ln for ln in lines if "tokenizer_path" in ln)
-    assert f"{not_a_tokenizer} no tokenizer.json or tokenizer.model" in tok
+    assert f"{not_a_tokenizer} has no tokenizer.json or tokenizer.model" in tok
     base = [ln for ln in lines if "base_model" in ln]
     assert len(base) == 2                            # notebooks 02 and 03 both take it
-    assert all(f"{adapter} no config.json" in ln and "holds a LoRA adapter" in ln
+    assert all(f"{adapter} has no config.json" in ln and "holds a LoRA adapter" in ln
                and "pass it as adapter_path" in ln for ln in base)
     assert len(lines) == 3                           # corpus, precision, 8-bit fixed by -p
     # a model folder without weights is not a model folder either
