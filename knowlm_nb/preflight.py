@@ -153,6 +153,7 @@ KINDS: dict[str, Kind] = {
 class PathParameter:
     kind: str       # a key of KINDS
     example: str    # the value shown in the fix: -p NAME EXAMPLE
+    empty: str = "" # what "" means when no upstream notebook writes it ("" = not used)
 
 
 # Path parameters by name (or (notebook, name) when one notebook needs another kind).
@@ -164,8 +165,9 @@ PARAMETERS: dict[str | tuple[str, str], PathParameter] = {
     "model_path": PathParameter("model", "/path/to/zhixi-13b"),
     "adapter_path": PathParameter("adapter", "/path/to/zhixi-13b-lora"),
     "dataset_prefix": PathParameter("dataset", "/path/to/data/pretrain_text_document"),
-    "hostfile": PathParameter("hostfile", "env/hostfile.example"),
-    "deepspeed_config": PathParameter("deepspeed", "env/deepspeed/zero3.json"),
+    "hostfile": PathParameter("hostfile", "env/hostfile.example", "this machine only"),
+    "deepspeed_config": PathParameter("deepspeed", "env/deepspeed/zero3.json",
+                                      "the plain Trainer, no DeepSpeed"),
 }
 
 
@@ -303,6 +305,8 @@ CUDA_NEEDS: list[CudaNeed] = [
 
 def _fix(cfg, name: str, row: PathParameter, upstream: tuple[str, str] | None) -> str:
     fix = f"fix: -p {name} {row.example}"
+    if row.empty:
+        fix += f" or -p {name} '' ({row.empty})"
     if upstream:
         fix += f', or leave it "" and run notebook {upstream[0]} first in the same workdir'
     if cfg.profile != BASE_PROFILE:
@@ -325,7 +329,7 @@ def check_paths(cfg, produced: Mapping[Path, str] | None = None) -> list[Finding
         kind = KINDS[row.kind]
         upstream = cfg.upstream_of(name)
         if not value and upstream is None:
-            out.append(Finding(nb, name, "ok", f'{name} = "": not used'))
+            out.append(Finding(nb, name, "ok", f'{name} = "": {row.empty or "not used"}'))
             continue
         if row.kind == "glob":
             if missing(value, "glob"):
