@@ -182,3 +182,13 @@ def test_load_adapter_reads_a_local_adapter_offline(tmp_path):
     ids = tok("Alice met Bob.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, lora.eval()(ids).logits, atol=1e-5)
+
+
+def test_preflight_imports_only_shared_modules_and_not_config():
+    """config.resolve calls the preflight, so the preflight must not import config (a cycle)."""
+    import ast
+
+    tree = ast.parse((ROOT / "knowlm_nb" / "preflight.py").read_text(encoding="utf-8"))
+    ours = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+            for a in node.names}
+    assert ours <= {"ROOT", "files"}, ours
