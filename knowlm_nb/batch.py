@@ -1,12 +1,17 @@
 """Run the notebooks in order with papermill and collect their figures.
 
-    python -m knowlm_nb.batch --profile tiny [--only 01 03] [-p NAME VALUE ...]
+    python -m knowlm_nb.batch --profile tiny [--only 01 03] [-p NAME VALUE ...] [--check]
 
 Every notebook gets its profile parameters (``env/profiles/<profile>.yaml``),
 the shared ``workdir`` and the paths of the artifacts its upstream notebooks
-wrote there. ``-p NAME VALUE`` overrides a parameter in every selected notebook
-that declares it. Everything is checked before the first notebook starts: an
-unknown parameter fails at once, naming it. Executed notebooks go to
+in the same run write there. ``-p NAME VALUE`` overrides a parameter in every
+selected notebook that declares it. Everything is checked before the first
+notebook starts: an unknown parameter fails at once, naming it, and the
+preflight (:mod:`knowlm_nb.preflight`) reports every missing model, tokenizer,
+dataset, hostfile or DeepSpeed config and every CUDA-only setting this machine
+cannot run, with the fix. ``--check`` prints the plan (notebooks, parameters,
+artifacts, what the preflight found) and exits 0 (ready) or 2 without running
+anything. Executed notebooks go to
 ``runs/<profile>/executed/``; the run ends with ``runs/<profile>/summary.md``
 and ``summary.json`` (status, minutes and recorded figures per notebook).
 A failing notebook stops the run; the message names the notebook and the cell.
@@ -17,13 +22,14 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from . import ROOT, config, report
+from . import ROOT, config, preflight, report
 
 NOTEBOOKS_DIR = ROOT / "notebooks"
 _NAME = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.ipynb$")
@@ -42,6 +48,7 @@ class Job:
     minutes: float = 0.0
     error: str = ""
     metrics: dict = field(default_factory=dict)
+    findings: list = field(default_factory=list)   # preflight.Finding, from plan()
 
 
 def discover(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -73,15 +80,23 @@ def _convert(name: str, raw: str, notebook: str):
         raise BatchError(f"-p {name} {raw!r}: not a valid value") from None
     if expected is not None:
         try:
-            value = config._check_type(name, value, expected, f"-p {name}")
+            value = config.check_type(name, value, expected, f"-p {name}")
         except config.ConfigError as exc:
             raise BatchError(str(exc)) from None
     return value
 
 
 def plan(profile: str, only: list[str] | None = None, overrides: list[tuple[str, str]] = (),
-         notebooks_dir: Path = NOTEBOOKS_DIR) -> tuple[list[Job], Path]:
-    """Build the jobs and check every parameter; raise before anything runs."""
+         notebooks_dir: Path = NOTEBOOKS_DIR, strict: bool = True,
+         machine: preflight.Machine | None = None) -> tuple[list[Job], Path]:
+    """Build the jobs and check every parameter and path; raise before anything runs.
+
+    An empty path parameter becomes the upstream artifact's path when the
+    upstream notebook is in this run; otherwise it stays "" and the notebook
+    resolves it itself (on ``tiny`` it builds what is missing). With
+    ``strict=False`` the preflight's errors stay in ``job.findings`` instead of
+    raising :class:`~knowlm_nb.preflight.PreflightError` (``--check``).
+    """
     try:
         base = config.load_profile(profile)
     except config.ConfigError as exc:
@@ -106,6 +121,7 @@ def plan(profile: str, only: list[str] | None = None, overrides: list[tuple[str,
     workdir = config.workdir_for(base["profile"], workdir_raw)
 
     jobs, used = [], set()
+    selected = {p.name[:2] for p in paths}
     for path in paths:
         nb = path.name[:2]
         if nb not in config.SCHEMA:
@@ -114,7 +130,7 @@ def plan(profile: str, only: list[str] | None = None, overrides: list[tuple[str,
         params = config.notebook_params(base["profile"], nb)
         params["workdir"] = str(workdir)
         for name, upstream in config.upstream_paths(nb, workdir).items():
-            if not params.get(name):
+            if not params.get(name) and config.UPSTREAM[nb][name][0] in selected:
                 params[name] = upstream
         not_declared = sorted(set(params) - set(declared))
         if not_declared:
@@ -133,7 +149,38 @@ def plan(profile: str, only: list[str] | None = None, overrides: list[tuple[str,
         names = ", ".join(dict.fromkeys(unknown))
         raise BatchError(f"unknown parameter {names}: not in the parameters cell of "
                          f"{', '.join(j.path.name for j in jobs)}")
+    cfgs = [config.Config(notebook=j.notebook, params=j.parameters, workdir=workdir) for j in jobs]
+    found = preflight.check_run(cfgs, machine)
+    for job in jobs:
+        job.findings = found[job.notebook]
+    if strict:
+        preflight.raise_errors([f for j in jobs for f in j.findings], header=(
+            f"profile {base['profile']!r}: the preflight found problems before the first "
+            "notebook (nothing was run or written; --check prints the whole plan):"))
     return jobs, workdir
+
+
+def describe_plan(jobs: list[Job], workdir: Path, profile: str) -> str:
+    """The plan as text: notebooks, resolved parameters, artifacts, preflight findings."""
+    errors = [f for j in jobs for f in j.findings if f.level == "error"]
+    lines = [f"plan: profile {profile!r}, workdir {workdir}, {len(jobs)} notebook(s)", ""]
+    for job in jobs:
+        cfg = config.Config(notebook=job.notebook, params=job.parameters, workdir=workdir)
+        lines.append(job.path.name)
+        shown = [f"{k}={v!r}" for k, v in job.parameters.items() if k not in ("profile", "workdir")]
+        lines += textwrap.wrap("  ".join(shown), 100, initial_indent="  parameters: ",
+                               subsequent_indent=" " * 14, break_on_hyphens=False)
+        for name, out in cfg.outputs().items():
+            lines.append(f"  writes    : {name} -> {out}")
+        for f in job.findings:
+            lines.append(f"  {f.level.upper():<5}     {f.message}")
+        lines.append("")
+    if errors:
+        lines.append(f"preflight: {len(errors)} problem(s); nothing was run. Fix them "
+                     "(the messages say how), then run again.")
+    else:
+        lines.append("preflight: OK, ready to run (nothing was run).")
+    return "\n".join(lines)
 
 
 def _failing_cell(exc) -> str:
@@ -209,13 +256,18 @@ def main(argv: list[str] | None = None) -> int:
                     metavar=("NAME", "VALUE"), help="override a parameter")
     ap.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--check", action="store_true",
+                    help="print the plan and the preflight's findings, run nothing; exit 0 or 2")
     args = ap.parse_args(argv)
     try:
         jobs, workdir = plan(args.profile, args.only, [tuple(p) for p in args.parameter],
-                             args.notebooks_dir)
-    except (BatchError, config.ConfigError) as exc:
+                             args.notebooks_dir, strict=not args.check)
+    except (BatchError, config.ConfigError, preflight.PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        print(describe_plan(jobs, workdir, jobs[0].parameters["profile"]))
+        return 2 if any(f.level == "error" for j in jobs for f in j.findings) else 0
     jobs = run(jobs, workdir, args.profile, progress=not args.no_progress)
     summary = (workdir / "summary.md").read_text(encoding="utf-8")
     print(summary)

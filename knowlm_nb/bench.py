@@ -124,7 +124,7 @@ def bench_chunking(argv: list[str]) -> dict:
 
     # the chunker's core in this process: tokenize once + pack, on cleaned, split text
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     docs = [d for d, _ in corpus.cleaned_sentences([str(big / "*.jsonl")], dedup=False)]
     sentences = [corpus.split_sentences(d.text, d.lang) for d in docs]
     batches = [(["".join(s) for s in sentences[i:i + 32]], sentences[i:i + 32])

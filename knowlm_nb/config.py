@@ -16,7 +16,7 @@ In a notebook::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -173,7 +173,8 @@ def _unknown(key: str, where: str, valid) -> ConfigError:
         f"unknown key {key!r} in {where}; valid keys: {', '.join(sorted(valid))}")
 
 
-def _check_type(key: str, value: Any, expected, where: str) -> Any:
+def check_type(key: str, value: Any, expected, where: str) -> Any:
+    """``value`` if it is of type ``expected`` (an int is accepted as a float); else ConfigError."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is int and isinstance(value, bool):
@@ -231,10 +232,10 @@ def validate_profile(data: Mapping, where: str) -> dict:
             for k, v in value.items():
                 if k not in SCHEMA[key]:
                     raise _unknown(k, f"{where} section {key!r}", SCHEMA[key])
-                section[k] = _check_type(k, v, SCHEMA[key][k], f"{where} [{key}]")
+                section[k] = check_type(k, v, SCHEMA[key][k], f"{where} [{key}]")
             out[key] = section
         elif key in COMMON:
-            out[key] = _check_type(key, value, COMMON[key], where)
+            out[key] = check_type(key, value, COMMON[key], where)
         else:
             out[key] = value
     return out
@@ -272,7 +273,7 @@ def notebook_params(profile: str | Path, notebook: str,
         if key not in params:
             raise _unknown(key, f"parameters of notebook {notebook}", params)
         expected = COMMON.get(key) or SCHEMA[notebook][key]
-        params[key] = _check_type(key, value, expected, f"notebook {notebook}")
+        params[key] = check_type(key, value, expected, f"notebook {notebook}")
     return params
 
 
@@ -282,7 +283,6 @@ class Config:
     notebook: str
     params: dict
     workdir: Path
-    _extra: dict = field(default_factory=dict, repr=False)
 
     def __getattr__(self, name):  # cfg.max_len
         params = self.__dict__.get("params", {})
@@ -313,6 +313,14 @@ class Config:
         raise ConfigError(f"{name!r} is neither a path parameter nor an artifact "
                           f"of notebook {self.notebook}")
 
+    def upstream_of(self, name: str) -> tuple[str, str] | None:
+        """``(notebook, artifact)`` that an empty path parameter ``name`` stands for, if any."""
+        return UPSTREAM.get(self.notebook, {}).get(name)
+
+    def outputs(self) -> dict[str, Path]:
+        """The artifacts this notebook writes into ``workdir`` (see :data:`ARTIFACTS`)."""
+        return {name: self.workdir / rel for name, rel in ARTIFACTS.get(self.notebook, {}).items()}
+
     def stage_dir(self) -> Path:
         d = self.workdir / self.notebook
         d.mkdir(parents=True, exist_ok=True)
@@ -330,15 +338,22 @@ def workdir_for(profile: str, workdir: str = "") -> Path:
     return ROOT / "runs" / profile
 
 
-def resolve(notebook: str, namespace: Mapping[str, Any]) -> Config:
+def resolve(notebook: str, namespace: Mapping[str, Any], check: bool = True) -> Config:
     """Resolve a notebook's parameters from its namespace (``locals()``).
 
     The parameters cell shows the ``tiny`` values. A knob left at its tiny
     value follows the chosen profile; a knob set to anything else (by hand or
     by papermill) wins. Only names in :data:`SCHEMA` are read from the
     namespace, so the rest of ``locals()`` is ignored.
+
+    With ``check`` (the default) the preflight runs before anything is
+    written: every path parameter of this notebook must hold what it needs and
+    every CUDA-only setting must fit this machine, or a
+    :class:`~knowlm_nb.preflight.PreflightError` lists the problems and their
+    fixes. An empty path whose upstream artifact is missing is fine on the
+    ``tiny`` profile, where the notebook builds it (see :mod:`knowlm_nb.preflight`).
     """
-    from . import report  # local import: report imports nothing from here at import time
+    from . import preflight, report  # local: neither imports config
 
     _check_notebook(notebook)
     profile = namespace.get("profile", BASE_PROFILE)
@@ -353,9 +368,14 @@ def resolve(notebook: str, namespace: Mapping[str, Any]) -> Config:
         value = namespace[key]
         if value != tiny[key]:
             expected = COMMON.get(key) or SCHEMA[notebook][key]
-            params[key] = _check_type(key, value, expected, f"notebook {notebook}")
+            params[key] = check_type(key, value, expected, f"notebook {notebook}")
     cfg = Config(notebook=notebook, params=params,
                  workdir=workdir_for(params["profile"], params["workdir"]))
+    if check:
+        preflight.raise_errors(preflight.check(cfg), header=(
+            f"notebook {notebook} cannot run with these parameters (profile "
+            f"{cfg.profile!r}; nothing was run or written). Set them in the parameters cell, "
+            "or pass -p NAME VALUE to python -m knowlm_nb.batch:"))
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     report.set_context(cfg.workdir, notebook)
     return cfg

@@ -395,7 +395,9 @@ def ship_copy_base(out: Path, zoo_dir: Path, stages: list[dict] | None = None,
 
     zoo_dir = Path(zoo_dir)
     stages = COPY_STAGES if stages is None else stages
-    tok = AutoTokenizer.from_pretrained(zoo_dir / "tokenizer")
+    from . import preflight  # a wrong local path: the project's 'not found'
+    tok = AutoTokenizer.from_pretrained(
+        preflight.require(zoo_dir / "tokenizer", "tokenizer"), local_files_only=True)
     zoo = json.loads((zoo_dir / MANIFEST).read_text(encoding="utf-8"))
     dims = {k: zoo["recipe"][k] for k in MODEL_KEYS}
     tok_sha = sha256_file(zoo_dir / "tokenizer" / "tokenizer.json")
@@ -409,7 +411,7 @@ def ship_copy_base(out: Path, zoo_dir: Path, stages: list[dict] | None = None,
                 or prior["dims"] != dims or k >= len(stages)):
             raise ZooError(f"cannot resume from {resume}: its stages, tokenizer or shape are not "
                            f"a first part of the requested recipe")
-        model = LlamaForCausalLM.from_pretrained(resume, dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(resume, dtype=torch.float32, local_files_only=True)
         history, done, minutes, todo = prior["history"], sum(s["steps"] for s in stages[:k]), \
             prior["minutes"], stages[k:]
         resumed = prior.get("resumed", []) + [{"from_stages": k,

@@ -275,16 +275,19 @@ def load_base(path: str | Path, load_in_8bit: bool = False):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InstructError(f"no model at {path} (config.json missing)")
-    tok = AutoTokenizer.from_pretrained(path)
+    from . import preflight  # a wrong local path: the project's 'not found'
+    tok = AutoTokenizer.from_pretrained(preflight.require(path, "tokenizer"), local_files_only=True)
     if load_in_8bit:
         if not torch.cuda.is_available():
             raise InstructError("load_in_8bit needs a CUDA GPU (bitsandbytes); on CPU train in fp32")
         from transformers import BitsAndBytesConfig
 
         model = LlamaForCausalLM.from_pretrained(
-            path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto")
+            preflight.require(path, "model"), quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            device_map="auto", local_files_only=True)
     else:
-        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(preflight.require(path, "model"), dtype=torch.float32,
+                                                 local_files_only=True)
     return tok, model
 
 
@@ -381,7 +384,8 @@ def load_adapter(base_dir: str | Path, adapter_dir: str | Path):
     if not (adapter_dir / "adapter_config.json").is_file():
         raise InstructError(f"no LoRA adapter at {adapter_dir} (adapter_config.json missing)")
     tok, base = load_base(base_dir)
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    from . import preflight  # a wrong local path: the project's 'not found'
+    model = PeftModel.from_pretrained(base, preflight.require(adapter_dir, "adapter"), local_files_only=True)
     model.eval()
     return tok, model
 

@@ -184,7 +184,7 @@ def check_model(model_dir: Path, seq_len: int) -> dict:
     if not (model_dir / "config.json").is_file():
         raise PretrainError(f"base model not found: {model_dir} has no config.json "
                             "(run notebook 00, or set base_model to a Hugging Face model folder)")
-    mcfg = AutoConfig.from_pretrained(model_dir)
+    mcfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     positions = getattr(mcfg, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise PretrainError(f"seq_len {seq_len} is above the model's {positions} positions "
@@ -512,8 +512,11 @@ def train(cfg: config.Config, output_dir: Path, resume: str = "auto") -> dict:
     # after TrainingArguments: with ZeRO-3, from_pretrained then loads each
     # rank's shard only (deepspeed.zero.Init), which a 13B model needs
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision]
-    tokenizer = AutoTokenizer.from_pretrained(cfg.path("base_model"))
-    model = AutoModelForCausalLM.from_pretrained(cfg.path("base_model"), dtype=dtype)
+    from . import preflight  # a wrong local path: the project's 'not found'
+    base = preflight.require(cfg.path("base_model"), "model", "base_model")
+    tokenizer = AutoTokenizer.from_pretrained(preflight.require(base, "tokenizer", "base_model"),
+                                              local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = SampleDataset(str(cfg.path("dataset_prefix")), cfg.seq_len, pad_id)
     callback = _callback_class()(output_dir, info["tokens_per_step"], resumed_from)
@@ -589,7 +592,7 @@ def consolidate(checkpoint: Path, out_dir: Path, tokenizer_dir: Path | None = No
         tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else checkpoint
         if (tokenizer_dir / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(tmp)
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) \
             if (checkpoint / "trainer_state.json").is_file() else {}
         manifest = {"source_checkpoint": str(checkpoint), "source": source,
@@ -606,8 +609,11 @@ def evaluate(model_dir: Path, max_len: int) -> dict[str, float]:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise PretrainError(f"no model in {model_dir} (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    from . import preflight  # a wrong local path: the project's 'not found'
+    tokenizer = AutoTokenizer.from_pretrained(
+        preflight.require(model_dir, "tokenizer"), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        preflight.require(model_dir, "model"), local_files_only=True)
     return heldout_losses(model, tokenizer, max_len)
 
 

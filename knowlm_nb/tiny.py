@@ -244,8 +244,11 @@ class Zoo:
         """``(tokenizer, model)`` loaded from the saved files."""
         from transformers import AutoTokenizer, LlamaForCausalLM
 
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-        model = LlamaForCausalLM.from_pretrained(self.model_dir)
+        from . import preflight  # a wrong local path: the project's 'not found'
+        tok = AutoTokenizer.from_pretrained(
+            preflight.require(self.tokenizer_dir, "tokenizer"), local_files_only=True)
+        model = LlamaForCausalLM.from_pretrained(
+            preflight.require(self.model_dir, "model"), local_files_only=True)
         model.eval()
         return tok, model
 
@@ -312,7 +315,7 @@ def build_zoo(out: Path, corpus_glob: str = "data_samples/corpus/*.jsonl", seed:
         import torch
         from transformers import LlamaForCausalLM
 
-        model = LlamaForCausalLM.from_pretrained(shipped, dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(shipped, dtype=torch.float32, local_files_only=True)
         model.eval()
         kind = "copy-pretrained (shipped)"
     else:

@@ -5,7 +5,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from knowlm_nb import ROOT, batch, config
+from knowlm_nb import ROOT, batch, config, preflight
 
 
 def make_nb(path, params: dict, body: list[str], tag=True):
@@ -31,7 +31,9 @@ def fake_notebooks(tmp_path):
     make_nb(d / "00_ok.ipynb", config.notebook_params("tiny", "00"),
             ["from knowlm_nb import config, report\n"
              "cfg = config.resolve('00', locals())\n"
-             "report.record('vocab', cfg.vocab_size)"])
+             "report.record('vocab', cfg.vocab_size)\n"
+             "(cfg.workdir / '00' / 'tokenizer').mkdir(parents=True)  # the artifact 01 expects\n"
+             "(cfg.workdir / '00' / 'tokenizer' / 'tokenizer.json').write_text('{}')"])
     make_nb(d / "01_fails.ipynb", config.notebook_params("tiny", "01"),
             [RECORD.format(nb="01"), "x = 1", "raise ValueError('boom in cell three')"])
     make_nb(d / "02_after.ipynb", config.notebook_params("tiny", "02"), ["y = 2"])
@@ -75,13 +77,20 @@ def test_notebook_without_parameters_cell_or_with_missing_names(tmp_path):
 
 def test_plan_passes_profile_upstream_paths_and_overrides(fake_notebooks, tmp_path):
     jobs, workdir = batch.plan("knowlm-13b", overrides=[("max_len", "64"), ("workdir", str(tmp_path / "w"))],
-                               notebooks_dir=fake_notebooks)
+                               notebooks_dir=fake_notebooks, strict=False,
+                               machine=preflight.Machine(gpus=0, bf16=False, cpus=2))
     assert workdir == tmp_path / "w"
     by = {j.notebook: j.parameters for j in jobs}
     assert by["01"]["max_len"] == 64                               # override, typed
     assert by["01"]["tokenizer_path"] == "models/llama-13b-hf"     # explicit profile path kept
     assert by["02"]["dataset_prefix"] == str(workdir / "01" / "pretrain_text_document")  # upstream
     assert by["02"]["micro_batch"] == 20 and all(p["workdir"] == str(workdir) for p in by.values())
+    # the preflight's findings stay with the jobs (strict=False); strict, they raise
+    errors = {(f.notebook, f.parameter) for j in jobs for f in j.findings if f.level == "error"}
+    assert errors == {("01", "corpus_glob"), ("01", "tokenizer_path"), ("02", "base_model"),
+                      ("02", "precision")}
+    with pytest.raises(preflight.PreflightError, match="tokenizer_path = 'models/llama-13b-hf'"):
+        batch.plan("knowlm-13b", notebooks_dir=fake_notebooks)
 
 
 def test_failing_notebook_stops_the_run_and_names_notebook_and_cell(fake_notebooks, tmp_path, capsys):
@@ -115,3 +124,45 @@ def test_real_notebook_00_runs_under_papermill_with_other_parameters(tmp_path, c
     assert zoo["recipe"]["vocab_size"] == 700 and zoo["recipe"]["num_layers"] == 2
     assert figures["parameters"] == zoo["parameters"]
     assert "tokens_per_char_zh" in (work / "summary.md").read_text()
+
+
+@pytest.fixture
+def cpu_machine(monkeypatch):
+    """The preflight sees a machine without CUDA, whatever the tests run on."""
+    monkeypatch.setattr(preflight, "machine", lambda: preflight.Machine(gpus=0, bf16=False, cpus=2))
+
+
+def run_batch(capsys, *argv):
+    code = batch.main([*argv, "--no-progress"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_gpu_profile_with_a_missing_model_folder_stops_before_any_notebook(tmp_path, capsys, cpu_machine):
+    work = tmp_path / "w"
+    code, _, err = run_batch(capsys, "--profile", "gpu", "-p", "workdir", str(work))
+    assert code == 2
+    assert not work.exists()                       # nothing ran, nothing was written
+    line = next(ln for ln in err.splitlines() if "tokenizer_path" in ln)
+    assert "'models/llama-7b-hf'" in line and str(ROOT / "models" / "llama-7b-hf") in line
+    assert "does not exist" in line and "tokenizer.json or tokenizer.model" in line
+    assert "-p tokenizer_path /path/to/llama-7b-hf" in line and "--profile tiny" in line
+    # every problem at once, not just the first
+    assert "notebook 02: base_model = 'models/llama-7b-hf'" in err
+    assert "notebook 01: corpus_glob = 'data/pretrain/*.jsonl': no file matches" in err
+    assert "Repo id" not in err
+
+
+
+def test_check_on_tiny_prints_the_plan_and_exits_0(tmp_path, capsys, cpu_machine):
+    work = tmp_path / "w"
+    code, out, err = run_batch(capsys, "--profile", "tiny", "--check", "-p", "workdir", str(work))
+    assert code == 0, err
+    assert not work.exists()                        # --check runs and writes nothing
+    assert out.startswith(f"plan: profile 'tiny', workdir {work}")
+    for path in batch.discover():
+        assert path.name in out
+    assert f"writes    : tokenizer -> {work / '00' / 'tokenizer'}" in out
+    assert f"tokenizer_path: {work / '00' / 'tokenizer'}, written by notebook 00 earlier in this run" in out
+    assert "vocab_size=2000" in out and "precision = 'fp32': runs on this machine" in out
+    assert "ERROR" not in out and out.rstrip().endswith("preflight: OK, ready to run (nothing was run).")
