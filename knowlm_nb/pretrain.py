@@ -1,4 +1,4 @@
-"""Stage 02's training run: the entry point every launched process runs, its input checks, `train`, consolidation.
+"""Stage 02's training run: the entry point each launched process runs, input checks, `train`, consolidation.
 
 KnowLM continued LLaMA-13B's pretraining on Chinese, English and code with the
 Hugging Face Trainer plus DeepSpeed ZeRO-3 on 3 nodes x 8 V100-32GB. This
