@@ -707,7 +707,10 @@ def reuse_refusal(adapter_dir: str | Path, fingerprint: dict) -> str | None:
         record = json.loads(record_path.read_text(encoding="utf-8"))
         saved = record["fingerprint"]
         weights_sha = record["adapter_sha256"]
+        record["result"]["seconds"]
     except (ValueError, KeyError, TypeError):
+        return f"{record_path} is not a training record"
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         return f"{record_path} is not a training record"
     if files.sha256_file(weights) != weights_sha:
         return f"the adapter weights in {adapter_dir} are not the ones its training record names"

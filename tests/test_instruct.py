@@ -588,3 +588,15 @@ def test_a_complete_adapter_of_the_same_training_is_reused_and_nothing_else(tok_
     assert off["tuned"] and off["note"] == "tuned now (reuse_adapter is off)"
     with pytest.raises(instruct.InstructError, match="lack"):
         instruct.training_fingerprint(zoo.model_dir, rows, {"lora_r": 4})
+
+
+def test_a_record_that_is_not_one_is_refused_not_a_crash(tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_bytes(b"x")
+    fp = {"base_weights": "a", "train_rows": "b", "n_train_rows": 1, "settings": {"lora_r": 4}}
+    for bad in ["not json", "[]", json.dumps({"fingerprint": [], "adapter_sha256": "x", "result": {"seconds": 1}}),
+                json.dumps({"fingerprint": {"settings": None}, "adapter_sha256": "x", "result": {"seconds": 1}})]:
+        (out / instruct.TRAINING_RECORD).write_text(bad)
+        assert "is not a training record" in instruct.reuse_refusal(out, fp)
