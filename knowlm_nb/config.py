@@ -107,6 +107,7 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
         "max_new_tokens": int,
         "num_beams": int,
         "copy_constrained": bool,
+        "reuse_adapter": bool,        # classroom mode: load the workdir's adapter if it is this training's
     },
     "04": {
         "base_model": str,

@@ -18,7 +18,9 @@ enough to read:
   from random syllables.
 * :class:`MaskedCollator` - pads, and refuses a batch with no trainable
   target token (the original's "loss stuck at 0").
-* :func:`train_lora` - PEFT LoRA with the HF Trainer (8-bit base on GPU).
+* :func:`train_lora` - PEFT LoRA with the HF Trainer (8-bit base on GPU);
+  :func:`train_or_reuse` loads instead an adapter already saved from the same
+  base, examples and settings (notebook 03's classroom mode, ``reuse_adapter``).
 * :func:`evaluate_ner` - answers from :func:`knowlm_nb.decoding.generate`
   (greedy, or beam search with the copy constraint
   :func:`knowlm_nb.decoding.ner_copy_constraint`) scored with
@@ -374,6 +376,114 @@ def loss_curves(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """``{"train": [(step, loss)], "validation": [(step, loss)]}`` from a Trainer log."""
     return {"train": [(h["step"], h["loss"]) for h in history if "loss" in h],
             "validation": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}
+
+
+# ------------------------------------------- reusing a trained adapter (classroom mode)
+
+# Saved beside a trained adapter: what it was trained from, and its loss history.
+TRAINING_RECORD = "training.json"
+# The notebook-03 parameters that shape the training itself; everything the examples
+# depend on (template, mix, names, cutoff, masking, the mix's seed) is in their hash.
+TRAINING_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save",
+                 "learning_rate", "epochs", "max_steps", "warmup_steps", "micro_batch",
+                 "grad_accum", "load_in_8bit", "seed")
+
+
+def training_fingerprint(base_dir: str | Path, train_rows: list[dict], params: dict) -> dict:
+    """What an adapter's training depends on: the base's weights, the examples, the settings."""
+    import hashlib
+
+    from . import files
+
+    missing = [k for k in TRAINING_KEYS if k not in params]
+    if missing:
+        raise InstructError(f"training settings lack {missing}")
+    rows = hashlib.sha256()
+    for r in train_rows:
+        rows.update(json.dumps([r["input_ids"], r["labels"]]).encode())
+    return {"base_weights": files.weights_hash(Path(base_dir)), "train_rows": rows.hexdigest(),
+            "n_train_rows": len(train_rows), "settings": {k: params[k] for k in TRAINING_KEYS}}
+
+
+def reuse_refusal(adapter_dir: str | Path, fingerprint: dict) -> str | None:
+    """Why the adapter in ``adapter_dir`` cannot stand in for a new training run (None: it can).
+
+    It can when it is complete (``adapter_config.json``, the weights whose
+    hash its :data:`TRAINING_RECORD` holds) and was trained from the same
+    base weights, the same examples and the same settings (``fingerprint``).
+    """
+    from . import files
+
+    adapter_dir = Path(adapter_dir)
+    record_path = adapter_dir / TRAINING_RECORD
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
+        return f"no complete adapter in {adapter_dir}"
+    if not record_path.is_file():
+        return f"the adapter in {adapter_dir} has no {TRAINING_RECORD} saying what it was trained from"
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        saved = record["fingerprint"]
+        weights_sha = record["adapter_sha256"]
+        record["result"]["seconds"]
+    except (ValueError, KeyError, TypeError):
+        return f"{record_path} is not a training record"
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        return f"{record_path} is not a training record"
+    if files.sha256_file(weights) != weights_sha:
+        return f"the adapter weights in {adapter_dir} are not the ones its training record names"
+    for key, what in [("base_weights", "another base model"), ("train_rows", "other examples"),
+                      ("settings", "other settings")]:
+        if saved.get(key) != fingerprint[key]:
+            if key == "settings":
+                what += " (" + ", ".join(f"{k}: {saved[key].get(k)!r} then, {v!r} now"
+                                         for k, v in fingerprint[key].items()
+                                         if saved[key].get(k) != v) + ")"
+            return f"the adapter in {adapter_dir} was trained from {what}"
+    return None
+
+
+def train_or_reuse(model, tokenizer, base_dir: str | Path, train_rows: list[dict],
+                   val_rows: list[dict], out: str | Path, params: dict, reuse: bool = False,
+                   eval_steps: int = 100, progress: bool = True) -> dict:
+    """Train the LoRA ``model`` (:func:`train_lora`), or load the adapter already in ``out``.
+
+    With ``reuse`` and an adapter in ``out`` that :func:`reuse_refusal`
+    accepts, its weights are loaded into ``model`` (the same LoRA layout) and
+    nothing trains; otherwise it trains with the settings in ``params`` (the
+    notebook-03 parameters) and saves :data:`TRAINING_RECORD` beside the
+    adapter. Returns :func:`train_lora`'s result (for a reused adapter: the
+    one saved when it was trained) with ``tuned`` (did training run now?) and
+    ``note`` (one sentence saying which, and why).
+    """
+    from . import files
+
+    out = Path(out)
+    fingerprint = training_fingerprint(base_dir, train_rows, params)
+    refusal = reuse_refusal(out, fingerprint) if reuse else "reuse_adapter is off"
+    if refusal is None:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        loaded = set_peft_model_state_dict(model, load_peft_weights(str(out), device="cpu"))
+        if loaded.unexpected_keys:
+            raise InstructError(f"the adapter in {out} does not fit this LoRA model: "
+                                f"{loaded.unexpected_keys[:3]}")
+        record = json.loads((out / TRAINING_RECORD).read_text(encoding="utf-8"))
+        res = {**record["result"], "tuned": False,
+               "note": f"reused the adapter in {out} (reuse_adapter: same base, examples and "
+                       f"settings); it was tuned in {record['result']['seconds'] / 60:.1f} min, "
+                       f"nothing was tuned now"}
+        return res
+    res = train_lora(model, tokenizer, train_rows, val_rows, out, params["learning_rate"],
+                     params["max_steps"], params["micro_batch"], params["grad_accum"],
+                     params["epochs"], params["warmup_steps"], eval_steps=eval_steps,
+                     seed=params["seed"], progress=progress)
+    result = {k: res[k] for k in ("history", "seconds", "steps", "adapter_bytes")}
+    files.write_json(out / TRAINING_RECORD, {
+        "fingerprint": fingerprint, "result": result,
+        "adapter_sha256": files.sha256_file(out / "adapter_model.safetensors")})
+    return {**res, "tuned": True, "note": f"tuned now ({refusal})"}
 
 
 def load_adapter(base_dir: str | Path, adapter_dir: str | Path):

@@ -331,3 +331,65 @@ def test_8bit_without_cuda_is_refused(tok_and_model):
     zoo, _, _ = tok_and_model
     with pytest.raises(instruct.InstructError, match="load_in_8bit needs a CUDA GPU"):
         instruct.load_base(zoo.model_dir, load_in_8bit=True)
+
+
+def test_a_complete_adapter_of_the_same_training_is_reused_and_nothing_else(tok_and_model, tmp_path):
+    zoo, tok, _ = tok_and_model
+    t = instruct.load_template("alpaca_short")
+    ex = [{"instruction": "Repeat the name.", "input": f"Name {i}", "output": f"Name {i}"} for i in range(8)]
+    rows, _ = instruct.tokenize_all(tok, ex, t, cutoff_len=64)
+    params = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+              "modules_to_save": ["lm_head"], "learning_rate": 1e-2, "epochs": 1.0, "max_steps": 2,
+              "warmup_steps": 0, "micro_batch": 4, "grad_accum": 1, "load_in_8bit": False, "seed": 0}
+    out = tmp_path / "adapter"
+
+    def fresh():
+        _, base = instruct.load_base(zoo.model_dir)
+        return instruct.lora_model(base, params["lora_r"], params["lora_alpha"], params["lora_dropout"],
+                                   params["target_modules"], modules_to_save=params["modules_to_save"])
+
+    trained = fresh()
+    first = instruct.train_or_reuse(trained, tok, zoo.model_dir, rows, rows[:4], out, params,
+                                    reuse=True, eval_steps=1, progress=False)
+    assert first["tuned"] and "no complete adapter" in first["note"] and first["steps"] == 2
+    assert (out / instruct.TRAINING_RECORD).is_file()
+
+    again = fresh()
+    second = instruct.train_or_reuse(again, tok, zoo.model_dir, rows, rows[:4], out, params,
+                                     reuse=True, progress=False)
+    assert not second["tuned"] and "reused" in second["note"]
+    assert second["history"] == first["history"] and second["steps"] == 2  # the saved record
+    ids = tok(["Name 3"], return_tensors="pt")
+    trained.eval(), again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**ids).logits, trained(**ids).logits)  # LoRA and head loaded
+
+    fp = instruct.training_fingerprint(zoo.model_dir, rows, params)
+    assert instruct.reuse_refusal(out, fp) is None
+    other = instruct.training_fingerprint(zoo.model_dir, rows, {**params, "learning_rate": 2e-2})
+    assert "learning_rate: 0.01 then, 0.02 now" in instruct.reuse_refusal(out, other)
+    assert "other examples" in instruct.reuse_refusal(out, instruct.training_fingerprint(
+        zoo.model_dir, rows[:4], params))
+    assert "another base" in instruct.reuse_refusal(out, {**fp, "base_weights": "0" * 64})
+    record = json.loads((out / instruct.TRAINING_RECORD).read_text())
+    (out / instruct.TRAINING_RECORD).write_text(json.dumps({**record, "adapter_sha256": "0" * 64}))
+    assert "not the ones its training record names" in instruct.reuse_refusal(out, fp)
+    (out / instruct.TRAINING_RECORD).unlink()
+    assert "has no training.json" in instruct.reuse_refusal(out, fp)
+    off = instruct.train_or_reuse(fresh(), tok, zoo.model_dir, rows, [], out, params, reuse=False,
+                                  progress=False)
+    assert off["tuned"] and off["note"] == "tuned now (reuse_adapter is off)"
+    with pytest.raises(instruct.InstructError, match="lack"):
+        instruct.training_fingerprint(zoo.model_dir, rows, {"lora_r": 4})
+
+
+def test_a_record_that_is_not_one_is_refused_not_a_crash(tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_bytes(b"x")
+    fp = {"base_weights": "a", "train_rows": "b", "n_train_rows": 1, "settings": {"lora_r": 4}}
+    for bad in ["not json", "[]", json.dumps({"fingerprint": [], "adapter_sha256": "x", "result": {"seconds": 1}}),
+                json.dumps({"fingerprint": {"settings": None}, "adapter_sha256": "x", "result": {"seconds": 1}})]:
+        (out / instruct.TRAINING_RECORD).write_text(bad)
+        assert "is not a training record" in instruct.reuse_refusal(out, fp)

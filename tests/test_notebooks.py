@@ -145,6 +145,10 @@ def test_03_recorded_figures():
     assert f["f1_after_decoded"] > f["f1_after"] + 0.05 and f["f1_after_decoded"] > 0.35
     assert f["f1_after_decoded_en"] > f["f1_after_en"] and f["f1_after_decoded_zh"] > f["f1_after_zh"]
     assert f["well_formed_after_decoded"] > f["well_formed_after"]
-    assert f["final_val_loss"] < 2.0
+    # tuned_this_run is False in a classroom-mode run (reuse_adapter) that loaded an adapter an earlier
+    # run had tuned from the same base, examples and settings: every figure above is measured again on
+    # it, and the loss figures come from the training record saved beside it (instruct.train_or_reuse)
+    assert f["tuned_this_run"] in (True, False)
+    assert f["final_val_loss"] < 2.0 and "tuning_minutes" in f
     # LoRA (557k) + the embeddings and the head trained whole (2 x 512k): under half of 3.65M
     assert 1_000_000 < f["trainable_parameters"] < 1_800_000
