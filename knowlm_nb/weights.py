@@ -19,8 +19,8 @@ block whatever the model's size, and every tensor is checked by SHA-256.
   ``manifest.json``: the sha256 of every base tensor the recovery needs, of
   every diff tensor and of every recovered tensor (:func:`files.tensor_sha256`'s
   digest, computed block by block), and the max error of a lossy (fp16/bf16)
-  diff. A fp32 diff is exact: a tensor whose ``base + (tuned - base)`` would
-  round differently from ``tuned`` is stored whole instead.
+  diff. A fp32 diff is exact: the few elements whose ``base + (tuned - base)``
+  would round differently from ``tuned`` are put back by a sparse patch.
 * :func:`recover` checks the base against the manifest **before** writing
   anything, builds the model in a scratch folder beside ``OUT``
   (:func:`files.atomic_dir`), verifies what it wrote, and only then renames it
@@ -50,6 +50,7 @@ MANIFEST = "manifest.json"
 CHUNK_MB = 16           # rows of one tensor processed at a time (fp32 bytes)
 SHARD_MB = 2000         # default output shard size
 DIFF_DTYPES = ("float32", "float16", "bfloat16")
+PATCH = "__patch__."     # prefix of a fp32 diff's sparse patch tensors
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -505,24 +506,41 @@ def verify(model: str | Path, manifest: str | Path | dict, chunk_mb: int = CHUNK
 
 # --------------------------------------------------------------- make-diff
 
+def patch_names(name: str) -> tuple[str, str]:
+    """The diff's names for the sparse patch of tensor ``name``: flat indices and tuned values."""
+    return f"{PATCH}{name}.index", f"{PATCH}{name}.value"
+
+
 def make_diff(base: str | Path, tuned: str | Path, out: str | Path, dtype: str = "float32",
-              shard_mb: int = SHARD_MB, chunk_mb: int = CHUNK_MB) -> dict:
+              shard_mb: float = SHARD_MB, chunk_mb: float = CHUNK_MB) -> dict:
     """Write ``tuned - base`` to ``out`` as sharded safetensors with a manifest; return the manifest.
 
-    ``dtype`` is the diff's dtype: ``float32`` is exact (a tensor that would
-    not recover bit-exactly is stored whole), ``float16``/``bfloat16`` halve
-    the size and the max error ``|recovered - tuned|`` is measured and stored
-    as ``max_abs_error``. Tensors only in ``tuned``, or whose shape or kind
-    changed, are stored whole. Two streamed passes: the first hashes base,
-    tuned and the would-be recovered tensors and decides diff or whole; the
-    second writes.
+    ``dtype`` is the diff's dtype. ``float32`` is exact: where ``base + (tuned
+    - base)`` rounds to a different fp32 number than ``tuned`` (an element that
+    changed sign or size a lot, about 1.6% of them after 02's 40 steps at lr
+    1e-3), the tuned value is stored in a sparse *patch* (flat index, value)
+    beside the diff. ``float16``/``bfloat16`` halve the size; their max error
+    ``|recovered - tuned|`` is measured and stored as ``max_abs_error``.
+    Tensors only in ``tuned``, or whose shape or kind changed, are stored
+    whole. Two streamed passes: the first hashes base, tuned and the would-be
+    recovered tensors and counts the patch; the second writes.
     """
     if dtype not in DIFF_DTYPES:
         raise WeightsError(f"diff dtype must be one of {', '.join(DIFF_DTYPES)}, got {dtype!r}")
     ddt = parse_dtype(dtype)
+    exact = ddt == torch.float32
     B, T = Checkpoint(base), Checkpoint(tuned)
     chunk = mb(chunk_mb)
-    base_m, rec_m, modes, max_err, start = {}, {}, {}, 0.0, time.perf_counter()
+    base_m, rec_m, modes, patch_n, max_err = {}, {}, {}, {}, 0.0
+    start = time.perf_counter()
+
+    def blocks(name, span):
+        """(base block, tuned block, stored diff block, mismatch mask or None)."""
+        b, t = B.rows(name, span), T.rows(name, span)
+        d = (t.float() - b.float()).to(ddt)
+        miss = (b.float() + d.float()).to(t.dtype) != t if exact else None
+        return b, t, d, miss
+
     for name in T.names:
         tdt, tshape = T.meta[name]
         th = TensorHash(tdt, tshape)
@@ -530,62 +548,115 @@ def make_diff(base: str | Path, tuned: str | Path, out: str | Path, dtype: str =
         if name in B and B.meta[name][1] == tshape and tdt.is_floating_point \
                 and B.meta[name][0].is_floating_point:
             bdt = B.meta[name][0]
-            bh, rh, mode, err = TensorHash(bdt, tshape), TensorHash(tdt, tshape), "diff", 0.0
+            bh, rh, mode, err, n_miss = TensorHash(bdt, tshape), TensorHash(tdt, tshape), "diff", 0.0, 0
             for span in row_spans(tshape, chunk):
-                b, t = B.rows(name, span), T.rows(name, span)
+                b, t, d, miss = blocks(name, span)
                 bh.update(b)
                 th.update(t)
-                d = (t.float() - b.float()).to(ddt)
+                if exact:
+                    n_miss += int(miss.sum())
+                    continue
+                if not torch.isfinite(d).all():
+                    mode = "whole"
                 r = (b.float() + d.float()).to(tdt)
                 rh.update(r)
-                if not torch.isfinite(d).all() or (ddt == torch.float32 and not torch.equal(r, t)):
-                    mode = "whole"
                 err = max(err, (r.float() - t.float()).abs().max().item() if r.numel() else 0.0)
             base_m[name] = entry(bdt, tshape, bh.hexdigest())
             if mode == "diff":
                 max_err = max(max_err, err)
-                rec_m[name] = entry(tdt, tshape, rh.hexdigest())
+                rec_m[name] = entry(tdt, tshape, th.hexdigest() if exact else rh.hexdigest())
+                patch_n[name] = n_miss
         else:
             for span in row_spans(tshape, chunk):
                 th.update(T.rows(name, span))
         if mode == "whole":
             rec_m[name] = entry(tdt, tshape, th.hexdigest())
         modes[name] = mode
-    plan = [(n, ddt if modes[n] == "diff" else T.meta[n][0], T.meta[n][1]) for n in T.names]
+    plan = []
+    for n in T.names:
+        tdt, shape = T.meta[n]
+        plan.append((n, ddt if modes[n] == "diff" else tdt, shape))
+        if patch_n.get(n):
+            idx, val = patch_names(n)
+            plan += [(idx, torch.int64, (patch_n[n],)), (val, tdt, (patch_n[n],))]
     out = Path(out)
     with files.atomic_dir(out) as tmp:
         w = ShardWriter(tmp, plan, mb(shard_mb), hash=True)
         try:
             for name, pdt, shape in plan:
+                if name.startswith(PATCH):
+                    continue
+                if modes[name] == "whole":
+                    for span in row_spans(shape, chunk):
+                        w.write(name, T.rows(name, span))
+                    continue
+                idx, val = [], []
+                row = math.prod(shape[1:]) if shape else 1
                 for span in row_spans(shape, chunk):
-                    t = T.rows(name, span)
-                    w.write(name, (t.float() - B.rows(name, span).float()).to(ddt)
-                            if modes[name] == "diff" else t)
+                    b, t, d, miss = blocks(name, span)
+                    w.write(name, d)
+                    if patch_n.get(name):
+                        flat = miss.reshape(-1)
+                        idx.append(flat.nonzero().reshape(-1) + (span[0] * row if span else 0))
+                        val.append(t.reshape(-1)[flat])
+                if patch_n.get(name):
+                    w.write(patch_names(name)[0], torch.cat(idx))
+                    w.write(patch_names(name)[1], torch.cat(val))
             w.close()
         finally:
             w.abort()
-        diff_m = {n: entry(pdt, shape, w.hashes[n], mode=modes[n]) for n, pdt, shape in plan}
+        diff_m = {n: entry(pdt, shape, w.hashes[n],
+                           mode="patch" if n.startswith(PATCH) else modes[n])
+                  for n, pdt, shape in plan}
         manifest = {
             "format": FORMAT, "kind": "diff", "diff_dtype": dtype,
             "base": {n: base_m[n] for n in sorted(base_m) if modes[n] == "diff"},
             "diff": diff_m, "tensors": rec_m,
             "dropped": sorted(set(B.names) - set(T.names)),
             "stored_whole": sorted(n for n in modes if modes[n] == "whole"),
+            "patched_elements": sum(patch_n.values()),
+            "diff_elements": sum(math.prod(T.meta[n][1]) for n in patch_n),
             "max_abs_error": max_err, "exact": max_err == 0.0,
             "diff_bytes": w.total, "tuned_bytes": sum(T.nbytes(n) for n in T.names),
             "seconds": round(time.perf_counter() - start, 3),
         }
         copy_side_files(T.path, tmp)
         files.write_json(tmp / MANIFEST, manifest)
-        check_tensors(Checkpoint(tmp), {n: diff_m[n] for n in diff_m}, "diff", chunk_mb)
+        check_tensors(Checkpoint(tmp), diff_m, "diff", chunk_mb)
     B.close(), T.close()
     return manifest
 
 
 # ----------------------------------------------------------------- recover
 
-def recover(base: str | Path, diff: str | Path, out: str | Path, shard_mb: int = SHARD_MB,
-            chunk_mb: int = CHUNK_MB) -> dict:
+def read_patch(D: Checkpoint, m: dict, name: str) -> tuple | None:
+    """``(flat indices, values)`` of ``name``'s patch in diff ``D``, checked against the manifest."""
+    names = patch_names(name)
+    if names[0] not in m["diff"]:
+        return None
+    out = []
+    for n in names:
+        t = D.tensor(n)
+        if files.tensor_sha256(t) != m["diff"][n]["sha256"]:
+            raise WeightsError(f"diff tensor {n!r} does not match its manifest (corrupt download?)")
+        out.append(t)
+    return tuple(out)
+
+
+def apply_patch(block: torch.Tensor, patch: tuple | None, span, row: int) -> torch.Tensor:
+    """Put the patch's tuned values into ``block`` (rows ``span`` of a tensor with ``row`` elements a row)."""
+    if patch is None:
+        return block
+    idx, val = patch
+    lo_flat = span[0] * row if span else 0
+    hi_flat = lo_flat + block.numel()
+    lo, hi = torch.searchsorted(idx, torch.tensor([lo_flat, hi_flat])).tolist()
+    block.view(-1)[idx[lo:hi] - lo_flat] = val[lo:hi]
+    return block
+
+
+def recover(base: str | Path, diff: str | Path, out: str | Path, shard_mb: float = SHARD_MB,
+            chunk_mb: float = CHUNK_MB) -> dict:
     """Rebuild the tuned model from ``base`` + ``diff`` into ``out``; return a summary.
 
     The base is checked against the diff's manifest (every tensor's dtype,
@@ -593,7 +664,8 @@ def recover(base: str | Path, diff: str | Path, out: str | Path, shard_mb: int =
     scratch folder beside ``out``, each diff tensor is checked as it is read,
     the written shards are verified against the manifest, and only then is the
     folder renamed to ``out``. Sums are computed in fp32 and cast to the tuned
-    dtype, one block of rows at a time.
+    dtype, one block of rows at a time; a fp32 diff's patch puts back the few
+    elements whose sum would round differently.
     """
     diff = Path(diff)
     m = read_manifest(diff)
@@ -618,11 +690,14 @@ def recover(base: str | Path, diff: str | Path, out: str | Path, shard_mb: int =
             for name, tdt, shape in plan:
                 info = m["diff"][name]
                 dh = TensorHash(parse_dtype(info["dtype"]), shape)
+                patch = read_patch(D, m, name)
+                row = math.prod(shape[1:]) if shape else 1
                 for span in row_spans(shape, chunk):
                     d = D.rows(name, span)
                     dh.update(d)
                     if info["mode"] == "diff":
-                        w.write(name, (B.rows(name, span).float() + d.float()).to(tdt))
+                        r = (B.rows(name, span).float() + d.float()).to(tdt)
+                        w.write(name, apply_patch(r, patch, span, row))
                     else:
                         w.write(name, d.to(tdt))
                 if dh.hexdigest() != info["sha256"]:
@@ -654,10 +729,14 @@ def naive_recover(base: str | Path, diff: str | Path, out: str | Path) -> dict:
     base_sd = {n: B.tensor(n) for n in B.names}
     diff_sd = {n: D.tensor(n) for n in D.names}
     out_sd = {}
-    for name, info in m["diff"].items():
-        tdt = parse_dtype(m["tensors"][name]["dtype"])
-        if info["mode"] == "diff":
-            out_sd[name] = (base_sd[name].float() + diff_sd[name].float()).to(tdt)
+    for name, info in m["tensors"].items():
+        tdt = parse_dtype(info["dtype"])
+        if m["diff"][name]["mode"] == "diff":
+            r = (base_sd[name].float() + diff_sd[name].float()).to(tdt)
+            idx, val = patch_names(name)
+            if idx in diff_sd:
+                r.view(-1)[diff_sd[idx]] = diff_sd[val]
+            out_sd[name] = r
         else:
             out_sd[name] = diff_sd[name].to(tdt)
     out = Path(out)
@@ -918,6 +997,62 @@ def stand_in_adapter(base: str | Path, out: str | Path, steps: int = 20, mix_tot
     return {"steps": res["steps"], "adapter_bytes": res["adapter_bytes"]}
 
 
+def ensure_inputs(cfg, show=print) -> dict:
+    """Build what notebooks 00, 02 and 03 would have written for 04, if it is missing, and say so.
+
+    Only paths left at their default ("" = from ``workdir``) are built: 00's
+    base by 00's own function (``tiny.build_zoo``); 02's model and 03's adapter
+    are too slow to rebuild here (DeepSpeed, 10 minutes of tuning), so cheap
+    stand-ins are made instead (:func:`stand_in_tuned`, :func:`stand_in_adapter`).
+    Returns ``{parameter: what was built}``.
+    """
+    from . import config, tiny
+
+    built = {}
+    base = cfg.path("base_model")
+    if not cfg.base_model and not (base / "config.json").is_file():
+        p00 = config.notebook_params(config.BASE_PROFILE, "00")
+        show(f"notebook 00's base model is missing: building it at tiny scale in {base.parent} "
+             "(tiny.build_zoo)")
+        tiny.build_zoo(base.parent, verbose=False, **tiny.zoo_settings(p00))
+        built["base_model"] = "00's tiny.build_zoo"
+    if not cfg.diff_path:
+        tuned = cfg.path("tuned_model")
+        if not cfg.tuned_model and not (tuned / "config.json").is_file():
+            tuned = cfg.workdir / "04" / "stand_in_tuned"
+            if not (tuned / "config.json").is_file():
+                show("notebook 02's continued-pretrained model is missing: making a STAND-IN "
+                     f"(30 plain AdamW steps of 00's base on the corpus, no DeepSpeed) at {tuned}")
+                stand_in_tuned(base, tuned)
+            built["tuned_model"] = str(tuned)
+    adapter = cfg.path("adapter_path")
+    if not cfg.adapter_path and not (adapter / "adapter_config.json").is_file():
+        adapter = cfg.workdir / "04" / "stand_in_adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            show("notebook 03's LoRA adapter is missing: making a STAND-IN (20 LoRA steps with "
+                 f"03's settings, embeddings and head in modules_to_save) at {adapter}")
+            stand_in_adapter(cfg.path("adapter_base"), adapter)
+        built["adapter_path"] = str(adapter)
+    return built
+
+
+def scale_figures(parameters: float = 13.0e9, vocab: int = 32000, hidden: int = 5120,
+                  chunk_mb: float = CHUNK_MB, imports_mb: float = 250.0) -> dict:
+    """What a diff release of a model this size weighs, and what recovering it needs, in GiB.
+
+    ``original_ram_gb``: the original script's two whole fp32 models in RAM.
+    ``streamed_ram_gb``: imports plus three blocks of ``chunk_mb`` (base, diff,
+    sum); ``largest_tensor_gb``: the embedding table in fp32, what a
+    tensor-at-a-time tool without row blocks would need at least.
+    """
+    gib = 2**30
+    return {"parameters": parameters,
+            "diff_fp32_gb": parameters * 4 / gib, "diff_fp16_gb": parameters * 2 / gib,
+            "original_ram_gb": 2 * parameters * 4 / gib,
+            "largest_tensor_gb": vocab * hidden * 4 / gib,
+            "streamed_ram_gb": (imports_mb + 3 * chunk_mb) * 2**20 / gib}
+
+
 # --------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
@@ -953,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-diff":
             m = make_diff(args.base, args.tuned, args.out, args.dtype, args.shard_mb, args.chunk_mb)
             res = {k: m[k] for k in ("diff_dtype", "exact", "max_abs_error", "diff_bytes",
-                                     "stored_whole", "dropped", "seconds")}
+                                     "patched_elements", "stored_whole", "dropped", "seconds")}
         elif args.command == "recover":
             res = recover(args.base, args.diff, args.out, args.shard_mb, args.chunk_mb)
         elif args.command == "recover-naive":

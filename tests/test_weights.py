@@ -79,11 +79,14 @@ def test_fp32_diff_then_recover_is_bit_exact_and_loads(pair, tmp_path):
     base, tuned_dir, tuned, moved = pair
     m = weights.make_diff(base, tuned_dir, tmp_path / "diff", shard_mb=0.1, chunk_mb=0.05)
     assert m["exact"] and m["max_abs_error"] == 0.0
-    # the tensor that moved a lot would not round back in fp32, so it is stored whole
-    assert m["stored_whole"] == sorted([moved, "extra.only_in_tuned"])
+    assert m["stored_whole"] == ["extra.only_in_tuned"]
+    # elements of the tensor that moved a lot would not round back in fp32: a sparse patch
+    idx, val = weights.patch_names(moved)
+    assert m["diff"][idx]["mode"] == "patch" and 0 < m["patched_elements"] < tuned[moved].numel() / 2
+    assert m["diff"][moved]["mode"] == "diff"
     assert len(list((tmp_path / "diff").glob("model-*.safetensors"))) > 1  # sharded, with index
     assert (tmp_path / "diff" / "model.safetensors.index.json").is_file()
-    assert set(m["base"]) == set(tuned) - {moved, "extra.only_in_tuned"}
+    assert set(m["base"]) == set(tuned) - {"extra.only_in_tuned"}
     res = weights.recover(base, tmp_path / "diff", tmp_path / "rec", shard_mb=0.1, chunk_mb=0.05)
     assert res["tensors"] == len(tuned)
     rec = weights.Checkpoint(tmp_path / "rec")
@@ -103,7 +106,7 @@ def test_fp32_diff_then_recover_is_bit_exact_and_loads(pair, tmp_path):
 def test_plain_subtraction_would_not_be_exact_for_a_tensor_that_moved_a_lot(pair):
     base, _, tuned, moved = pair
     b = load_file(base / "model.safetensors")[moved]
-    assert not torch.equal(b + (tuned[moved] - b), tuned[moved])  # why make_diff stores it whole
+    assert not torch.equal(b + (tuned[moved] - b), tuned[moved])  # why make_diff patches it
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
