@@ -1008,9 +1008,14 @@ def ensure_inputs(cfg, show=print) -> dict:
     """
     from . import config, tiny
 
+    defaults = {k: Path(v) for k, v in config.upstream_paths("04", cfg.workdir).items()}
+
+    def default(name: str) -> bool:  # left empty, or the upstream path the batch runner passes
+        return not cfg.params[name] or cfg.path(name) == defaults[name]
+
     built = {}
     base = cfg.path("base_model")
-    if not cfg.base_model and not (base / "config.json").is_file():
+    if default("base_model") and not (base / "config.json").is_file():
         p00 = config.notebook_params(config.BASE_PROFILE, "00")
         show(f"notebook 00's base model is missing: building it at tiny scale in {base.parent} "
              "(tiny.build_zoo)")
@@ -1018,7 +1023,7 @@ def ensure_inputs(cfg, show=print) -> dict:
         built["base_model"] = "00's tiny.build_zoo"
     if not cfg.diff_path:
         tuned = cfg.path("tuned_model")
-        if not cfg.tuned_model and not (tuned / "config.json").is_file():
+        if default("tuned_model") and not (tuned / "config.json").is_file():
             tuned = cfg.workdir / "04" / "stand_in_tuned"
             if not (tuned / "config.json").is_file():
                 show("notebook 02's continued-pretrained model is missing: making a STAND-IN "
@@ -1026,7 +1031,7 @@ def ensure_inputs(cfg, show=print) -> dict:
                 stand_in_tuned(base, tuned)
             built["tuned_model"] = str(tuned)
     adapter = cfg.path("adapter_path")
-    if not cfg.adapter_path and not (adapter / "adapter_config.json").is_file():
+    if default("adapter_path") and not (adapter / "adapter_config.json").is_file():
         adapter = cfg.workdir / "04" / "stand_in_adapter"
         if not (adapter / "adapter_config.json").is_file():
             show("notebook 03's LoRA adapter is missing: making a STAND-IN (20 LoRA steps with "

@@ -391,3 +391,29 @@ def test_cli_round_trip_and_errors(pair, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
     r = run("verify", "--model", tmp_path / "r", "--manifest", tmp_path / "nope.json")
     assert r.returncode == 2 and "no manifest at" in r.stderr
+
+
+# ------------------------------------------------- standalone notebook inputs
+
+def test_missing_upstream_models_get_stand_ins_and_say_so(tmp_path, monkeypatch):
+    from knowlm_nb import config
+
+    made, said = [], []
+    monkeypatch.setattr(weights, "stand_in_tuned", lambda base, out: made.append(("tuned", out)))
+    monkeypatch.setattr(weights, "stand_in_adapter", lambda base, out: made.append(("adapter", out)))
+    (tmp_path / "00" / "base").mkdir(parents=True)
+    (tmp_path / "00" / "base" / "config.json").write_text("{}")
+    ns = {"profile": "tiny", "workdir": str(tmp_path)}
+    built = weights.ensure_inputs(config.resolve("04", ns), show=said.append)
+    assert [k for k, _ in made] == ["tuned", "adapter"] and set(built) == {"tuned_model", "adapter_path"}
+    assert all("STAND-IN" in s for s in said) and len(said) == 2
+    # the batch runner passes the upstream paths explicitly: the same defaults
+    made.clear()
+    ns.update(config.upstream_paths("04", tmp_path))
+    weights.ensure_inputs(config.resolve("04", ns), show=said.append)
+    assert [k for k, _ in made] == ["tuned", "adapter"]
+    # a path the user chose is never replaced by a stand-in
+    made.clear()
+    ns.update(tuned_model=str(tmp_path / "mine"), adapter_path=str(tmp_path / "my_adapter"))
+    assert weights.ensure_inputs(config.resolve("04", ns), show=said.append) == {}
+    assert made == []
