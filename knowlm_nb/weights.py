@@ -911,36 +911,44 @@ def synthetic_pair(out: str | Path, n_tensors: int = 8, tensor_mb: float = 16, w
 def rss_trace(argv: list[str], interval: float = 0.02, env: dict | None = None) -> dict:
     """Run ``argv`` in a subprocess and sample its RSS; ``{"t", "rss_mb", "peak_mb", "seconds"}``.
 
-    ``peak_mb`` is the kernel's own peak (``ru_maxrss`` from ``wait4``), so a
-    spike between two samples is not missed.
+    ``peak_mb`` is the kernel's own high-water mark of the child's memory
+    (``VmHWM`` in ``/proc/PID/status``, read at every sample), so a spike
+    between two samples is not missed. (``ru_maxrss`` would not do: a forked
+    child inherits its parent's peak, e.g. a 1.6 GB notebook kernel's.)
     """
     import subprocess
 
     import psutil
 
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
+    import tempfile
+
+    out_fh, err_fh = tempfile.TemporaryFile(), tempfile.TemporaryFile()  # a pipe could fill and block
+    proc = subprocess.Popen(argv, stdout=out_fh, stderr=err_fh, env={**os.environ, **(env or {})})
     ps = psutil.Process(proc.pid)
-    ts, rss = [], []
+    ts, rss, hwm = [], [], 0.0
+    status = Path(f"/proc/{proc.pid}/status")
     while True:
         try:
             if ps.status() == psutil.STATUS_ZOMBIE:
                 break
             rss.append(ps.memory_info().rss / 2**20)
             ts.append(time.perf_counter() - start)
-        except psutil.NoSuchProcess:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    hwm = max(hwm, int(line.split()[1]) / 1024)
+        except (psutil.NoSuchProcess, OSError):
             break
         time.sleep(interval)
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
+    out_fh.seek(0), err_fh.seek(0)
+    out, err = out_fh.read(), err_fh.read()
+    out_fh.close(), err_fh.close()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise WeightsError(f"{' '.join(map(str, argv[:4]))} ... failed ({proc.returncode}): "
                            f"{err.decode(errors='replace')[-800:]}")
-    return {"t": ts, "rss_mb": rss, "peak_mb": usage.ru_maxrss / 1024, "seconds": seconds,
+    return {"t": ts, "rss_mb": rss, "peak_mb": max([hwm, *rss]), "seconds": seconds,
             "stdout": out.decode(errors="replace")}
 
 
