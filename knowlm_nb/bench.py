@@ -163,9 +163,14 @@ def bench_weights(argv: list[str]) -> dict:
         src = ["--base", str(base), "--diff", str(tmp / "diff")]
         imports = weights.rss_trace([sys.executable, "-c", "import torch, safetensors, knowlm_nb.weights"])
         # cp of the same bytes (the base checkpoint), timed like the others: a subprocess
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         subprocess.run(["cp", "-r", str(base), str(tmp / "copy")], check=True)
         cp_s = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cp_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         stream = weights.rss_trace(cli + ["recover", *src, "--out", str(tmp / "streamed")])
         naive = weights.rss_trace(cli + ["recover-naive", *src, "--out", str(tmp / "naive")])
         summary = json.loads(stream["stdout"])
@@ -187,6 +192,11 @@ def bench_weights(argv: list[str]) -> dict:
         "stream_over_cp_time_without_imports": round(
             (stream["seconds"] - imports["seconds"]) / cp_s, 2),
         "stream_phases_s": {k: summary[k] for k in ("check_base_s", "write_s", "verify_s")},
+        # CPU seconds (user + sys) are steadier than wall time on a shared machine
+        "cp_cpu_s": round(cp_cpu, 2), "imports_cpu_s": round(imports["cpu_s"], 2),
+        "stream_cpu_s": round(stream["cpu_s"], 2), "naive_cpu_s": round(naive["cpu_s"], 2),
+        "stream_over_cp_cpu_without_imports": round(
+            (stream["cpu_s"] - imports["cpu_s"]) / max(cp_cpu, 1e-3), 2),
     }
 
 
