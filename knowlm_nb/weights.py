@@ -38,6 +38,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -470,16 +471,24 @@ def check_tensors(ckpt: Checkpoint, expected: dict, what: str, chunk_mb: int = C
         if dtype_name(dtype) != want["dtype"] or list(shape) != list(want["shape"]):
             raise WeightsError(f"{what} tensor {name!r} is {dtype_name(dtype)} {list(shape)}, "
                                f"the manifest expects {want['dtype']} {want['shape']}")
-    for name in sorted(expected):
+    def digest(name: str) -> str:
         dtype, shape = ckpt.meta[name]
         h = TensorHash(dtype, shape)
         for span in row_spans(shape, mb(chunk_mb)):
             h.update(ckpt.rows(name, span))
-        if h.hexdigest() != expected[name]["sha256"]:
-            raise WeightsError(f"{what} tensor {name!r} does not match the manifest (sha256 "
-                               f"{h.hexdigest()[:12]}..., expected {expected[name]['sha256'][:12]}...)"
-                               + ("; is this the right base model?" if what == "base" else ""))
-        checked += ckpt.nbytes(name)
+        return h.hexdigest()
+
+    names = sorted(expected)
+    # hashlib releases the GIL: safetensors tensors are hashed on a few threads at once
+    # (.bin shards are not: they share one loaded shard)
+    threads = min(4, os.cpu_count() or 1) if all(f.suffix == ".safetensors" for f in ckpt.files) else 1
+    with ThreadPoolExecutor(threads) as pool:
+        for name, got in zip(names, pool.map(digest, names) if threads > 1 else map(digest, names)):
+            if got != expected[name]["sha256"]:
+                raise WeightsError(f"{what} tensor {name!r} does not match the manifest (sha256 "
+                                   f"{got[:12]}..., expected {expected[name]['sha256'][:12]}...)"
+                                   + ("; is this the right base model?" if what == "base" else ""))
+            checked += ckpt.nbytes(name)
     if not extra_ok:
         extra = sorted(set(ckpt.names) - set(expected))
         if extra:
@@ -683,7 +692,7 @@ def recover(base: str | Path, diff: str | Path, out: str | Path, shard_mb: float
     checked = time.perf_counter()
     chunk = mb(chunk_mb)
     plan = [(n, parse_dtype(e["dtype"]), tuple(e["shape"])) for n, e in m["tensors"].items()]
-    with files.atomic_dir(Path(out)) as tmp:
+    with files.atomic_dir(Path(out)) as tmp, ThreadPoolExecutor(1) as hasher:
         w = ShardWriter(tmp, plan, mb(shard_mb))
         try:
             for name, tdt, shape in plan:
@@ -691,14 +700,18 @@ def recover(base: str | Path, diff: str | Path, out: str | Path, shard_mb: float
                 dh = TensorHash(parse_dtype(info["dtype"]), shape)
                 patch = read_patch(D, m, name)
                 row = math.prod(shape[1:]) if shape else 1
+                hashed = None
                 for span in row_spans(shape, chunk):
                     d = D.rows(name, span)
-                    dh.update(d)
+                    if hashed:
+                        hashed.result()  # one block in flight: hashing overlaps the sum and write
+                    hashed = hasher.submit(dh.update, d)
                     if info["mode"] == "diff":
                         r = (B.rows(name, span).float() + d.float()).to(tdt)
                         w.write(name, apply_patch(r, patch, span, row))
                     else:
                         w.write(name, d.to(tdt))
+                hashed.result()
                 if dh.hexdigest() != info["sha256"]:
                     raise WeightsError(f"diff tensor {name!r} does not match its manifest "
                                        "(corrupt download?)")
