@@ -260,9 +260,75 @@ def bench_pretrain(argv: list[str]) -> dict:
             "final_loss": {k: v["final_loss"] for k, v in rows.items()}}
 
 
+def bench_weights(argv: list[str]) -> dict:
+    """04: streamed recovery vs the naive whole-model one vs ``cp``, in subprocesses, side by side.
+
+    ``--tensors N`` (default 8) fp32 matrices of ``--tensor-mb`` MiB (default 48; the
+    last is twice as large), so the checkpoint is a few hundred MiB.
+    """
+    import argparse
+    import shutil
+    import subprocess
+    import tempfile
+
+    from . import weights
+
+    ap = argparse.ArgumentParser(prog="python -m knowlm_nb.bench weights")
+    ap.add_argument("--tensors", type=int, default=8)
+    ap.add_argument("--tensor-mb", type=float, default=48)
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-weights-", dir=ROOT / "runs"))
+    try:
+        base, tuned = weights.synthetic_pair(tmp / "pair", args.tensors, args.tensor_mb)
+        weights.make_diff(base, tuned, tmp / "diff")
+        ck = weights.Checkpoint(tuned)
+        ckpt = sum(ck.nbytes(n) for n in ck.names) / 2**20
+        largest = max(ck.nbytes(n) for n in ck.names) / 2**20
+        cli = [sys.executable, "-m", "knowlm_nb.weights"]
+        src = ["--base", str(base), "--diff", str(tmp / "diff")]
+        imports = weights.rss_trace([sys.executable, "-c", "import torch, safetensors, knowlm_nb.weights"])
+        # cp of the same bytes (the base checkpoint), timed like the others: a subprocess
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.perf_counter()
+        subprocess.run(["cp", "-r", str(base), str(tmp / "copy")], check=True)
+        cp_s = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cp_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        stream = weights.rss_trace(cli + ["recover", *src, "--out", str(tmp / "streamed")])
+        naive = weights.rss_trace(cli + ["recover-naive", *src, "--out", str(tmp / "naive")])
+        summary = json.loads(stream["stdout"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    above = stream["peak_mb"] - imports["peak_mb"]
+    return {
+        "checkpoint_mb": round(ckpt, 1), "largest_tensor_mb": round(largest, 1),
+        "imports_peak_mb": round(imports["peak_mb"], 1),
+        "stream_peak_mb": round(stream["peak_mb"], 1), "naive_peak_mb": round(naive["peak_mb"], 1),
+        "stream_peak_over_largest_tensor": round(stream["peak_mb"] / largest, 2),
+        "stream_above_imports_over_largest_tensor": round(above / largest, 2),  # target <= 1.5
+        "stream_over_naive_peak": round(stream["peak_mb"] / naive["peak_mb"], 3),
+        "stream_over_checkpoint_peak": round(stream["peak_mb"] / ckpt, 3),
+        "naive_over_checkpoint_peak": round(naive["peak_mb"] / ckpt, 3),
+        "cp_s": round(cp_s, 2), "stream_s": round(stream["seconds"], 2),
+        "naive_s": round(naive["seconds"], 2),
+        "stream_over_cp_time": round(stream["seconds"] / cp_s, 2),          # target <= 3
+        "stream_over_cp_time_without_imports": round(
+            (stream["seconds"] - imports["seconds"]) / cp_s, 2),
+        "stream_phases_s": {k: summary[k] for k in ("check_base_s", "write_s", "verify_s")},
+        # CPU seconds (user + sys) are steadier than wall time on a shared machine
+        "cp_cpu_s": round(cp_cpu, 2), "imports_cpu_s": round(imports["cpu_s"], 2),
+        "stream_cpu_s": round(stream["cpu_s"], 2), "naive_cpu_s": round(naive["cpu_s"], 2),
+        "stream_over_cp_cpu_without_imports": round(
+            (stream["cpu_s"] - imports["cpu_s"]) / max(cp_cpu, 1e-3), 2),
+    }
+
+
 BENCHES = {
     "chunking": bench_chunking,
     "pretrain": bench_pretrain,
+    "weights": bench_weights,
 }
 
 

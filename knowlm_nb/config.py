@@ -110,9 +110,12 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
         "reuse_adapter": bool,        # classroom mode: load the workdir's adapter if it is this training's
     },
     "04": {
-        "base_model": str,
-        "tuned_model": str,
-        "adapter_path": str,
+        "base_model": str,            # plays LLaMA: the model the diff is taken against
+        "tuned_model": str,           # plays ZhiXi: base_model, continued-pretrained
+        "diff_path": str,             # "" = make the diff here; else a released diff to recover
+        "diff_dtype": str,            # float32 (exact) | float16 | bfloat16
+        "adapter_path": str,          # a LoRA adapter to merge
+        "adapter_base": str,          # the model that adapter was trained on
         "shard_size_mb": int,
     },
     "05": {
@@ -145,7 +148,10 @@ UPSTREAM: dict[str, dict[str, tuple[str, str]]] = {
     # KnowLM tuned its continued-pretrained model (02); the course tunes the copy-capable
     # 00 base by default (notebook 03 says why), and base_model can point at 02 instead.
     "03": {"base_model": ("00", "base_model")},
-    "04": {"base_model": ("02", "pretrained_model"), "adapter_path": ("03", "adapter")},
+    # 04: 00's base plays LLaMA, 02's continued-pretrained model plays ZhiXi; 03's adapter
+    # was trained on 00's base, so that is what it is merged into.
+    "04": {"base_model": ("00", "base_model"), "tuned_model": ("02", "pretrained_model"),
+           "adapter_path": ("03", "adapter"), "adapter_base": ("00", "base_model")},
     "05": {"model_path": ("04", "merged_model")},
     "06": {"model_path": ("04", "merged_model"), "adapter_path": ("03", "adapter")},
 }

@@ -152,3 +152,23 @@ def test_03_recorded_figures():
     assert f["final_val_loss"] < 2.0 and "tuning_minutes" in f
     # LoRA (557k) + the embeddings and the head trained whole (2 x 512k): under half of 3.65M
     assert 1_000_000 < f["trainable_parameters"] < 1_800_000
+
+
+def test_04_recorded_figures():
+    f = recorded("04")
+    # 00's base -> 02's model (40 steps at lr 1e-3): measured 1.6% of elements patched, diff 1.05x
+    assert f["diff_exact"] is True and f["recovered_hash_equal"] is True   # bit-exact in fp32
+    assert 0 < f["patched_share"] < 0.05 and f["diff_size_ratio"] < 1.15
+    assert f["recovered_logits_diff"] == 0.0
+    assert f["wrong_base_refused"] is True                                 # and nothing written
+    assert f["sum_misses_swap"] is True and f["sha_catches_swap"] is True
+    assert f["fp16_sum_overflows"] is True
+    assert 0 < f["fp16_max_error"] < 1e-4 and f["fp16_diff_size_ratio"] < 0.55
+    assert f["fp16_max_error"] < f["bf16_max_error"] < 1e-3
+    # streamed recovery stays near the imports; the naive one holds base + diff + result
+    assert f["stream_peak_above_imports_mb"] < 1.5 * f["rss_largest_tensor_mb"]
+    assert f["naive_peak_above_imports_mb"] > 2 * f["rss_checkpoint_mb"]
+    assert f["merge_max_diff_vs_peft"] < 1e-5 and f["merged_answers_equal"] is True
+    assert f["merged_answers"] == 16
+    assert (f["knowlm_diff_fp32_gib"], f["knowlm_diff_fp16_gib"]) == (48.4, 24.2)
+    assert 90 < f["knowlm_original_ram_gib"] < 100 and f["streamed_ram_gib"] < 1
