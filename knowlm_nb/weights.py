@@ -1,4 +1,4 @@
-"""04: weight diffs, low-memory recovery and LoRA merges, streamed tensor by tensor and checked by sha256 manifests.
+"""04: weight diffs, low-memory recovery and LoRA merges, streamed per tensor and checked by sha256 manifests.
 
 KnowLM released ZhiXi-13B as a *diff* against LLaMA-13B. Its recovery script
 loaded both models whole in fp32 (about 100 GB of RAM) and checked a sum of all

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from knowlm_nb import ROOT, files, instruct, weights
+from knowlm_nb import ROOT, decoding, files, instruct, weights
 from knowlm_nb.weights import WeightsError
 
 TOKENIZER = ROOT / "data_samples" / "tiny_base"
@@ -351,8 +351,8 @@ def test_merged_model_answers_as_base_plus_adapter(adapter, tmp_path):
     tok, peft_model = instruct.load_adapter(base, adapter_dir)
     _, merged = instruct.load_base(tmp_path / "merged")
     prompts = ["Alice met Bob in Paris.", "张三在北京工作。", "def f(x):", "The weather"]
-    a = instruct.generate(peft_model, tok, prompts, max_new_tokens=12)
-    b = instruct.generate(merged, tok, prompts, max_new_tokens=12)
+    a = decoding.generate(peft_model, tok, prompts, max_new_tokens=12)
+    b = decoding.generate(merged, tok, prompts, max_new_tokens=12)
     assert a == b and any(a)
 
 
@@ -407,13 +407,10 @@ def test_missing_upstream_models_get_stand_ins_and_say_so(tmp_path, monkeypatch)
     built = weights.ensure_inputs(config.resolve("04", ns), show=said.append)
     assert [k for k, _ in made] == ["tuned", "adapter"] and set(built) == {"tuned_model", "adapter_path"}
     assert all("STAND-IN" in s for s in said) and len(said) == 2
-    # the batch runner passes the upstream paths explicitly: the same defaults
+    # a path given explicitly must hold a model: the preflight names it, and no stand-in is made
+    from knowlm_nb import preflight
     made.clear()
-    ns.update(config.upstream_paths("04", tmp_path))
-    weights.ensure_inputs(config.resolve("04", ns), show=said.append)
-    assert [k for k, _ in made] == ["tuned", "adapter"]
-    # a path the user chose is never replaced by a stand-in
-    made.clear()
-    ns.update(tuned_model=str(tmp_path / "mine"), adapter_path=str(tmp_path / "my_adapter"))
-    assert weights.ensure_inputs(config.resolve("04", ns), show=said.append) == {}
+    ns.update(tuned_model=str(tmp_path / "mine"))
+    with pytest.raises(preflight.PreflightError, match="tuned_model"):
+        weights.ensure_inputs(config.resolve("04", ns), show=said.append)
     assert made == []
