@@ -229,7 +229,10 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 
     On any error (or a kill) the scratch folder, a hidden ``.NAME-*`` sibling,
     never appears at ``out``; on an error it is removed and ``out`` is left as
-    it was. The folder gets the umask's permissions (``0755`` under ``022``).
+    it was. The folder gets the umask's permissions (``0755`` under ``022``),
+    and so does every file written into it: a library that writes ``0600``
+    (``save_pretrained``'s ``model.safetensors``) is widened to the umask's
+    ``0644``, so a job running as another user can read the output.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +240,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
+        _widen_to_umask(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
             os.replace(out, old / out.name)  # move aside first, so ``out`` is never half-deleted
@@ -246,3 +250,15 @@ def atomic_dir(out: Path) -> Iterator[Path]:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _widen_to_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` at least the umask's default permissions."""
+    um = umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_symlink():
+            continue
+        default = (0o777 if path.is_dir() else 0o666) & ~um
+        mode = path.stat().st_mode & 0o7777
+        if mode | default != mode:
+            os.chmod(path, mode | default)

@@ -209,3 +209,20 @@ def test_pretrain_base_is_an_alias_of_the_copybase_command(tmp_path, monkeypatch
     assert ran == [[sys.executable, "-m", "knowlm_nb.copybase", "--zoo", str(tmp_path / "z"),
                     "--out", str(tmp_path / "b"), "--profile", "tiny", "--steps", "5", "--force"]]
     assert not (tmp_path / "z").exists()  # the zoo is copybase's to build
+
+
+def test_zoo_files_are_readable_by_group_and_others_under_a_022_umask(tmp_path, tiny_corpus):
+    """save_pretrained writes model.safetensors 0600; the zoo's atomic folders widen it to the umask."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        zoo = tiny.build_zoo(tmp_path / "z", corpus_glob=tiny_corpus, verbose=False, **SMALL)
+    finally:
+        os.umask(old)
+    paths = [p for p in zoo.root.rglob("*")]
+    assert zoo.model_dir / "model.safetensors" in paths
+    for p in paths:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
