@@ -1109,14 +1109,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuned", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=DIFF_DTYPES)
-    p = sub.add_parser("recover", help="base + diff, checked before and after")
-    p.add_argument("--base", required=True)
-    p.add_argument("--diff", required=True)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("recover-naive", help="the original's whole-model way (for comparison)")
-    p.add_argument("--base", required=True)
-    p.add_argument("--diff", required=True)
-    p.add_argument("--out", required=True)
+    for name, text in (("recover", "base + diff, checked before and after"),
+                       ("recover-naive", "the original's whole-model way (for comparison)")):
+        p = sub.add_parser(name, help=text)
+        for arg in ("--base", "--diff", "--out"):
+            p.add_argument(arg, required=True)
     p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", required=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from knowlm_nb import ROOT
+from knowlm_nb import ROOT, batch, preflight
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -25,3 +25,16 @@ def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                     encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def cpu_machine(monkeypatch):
+    """The preflight sees a machine without CUDA, whatever the tests run on."""
+    monkeypatch.setattr(preflight, "machine", lambda: preflight.Machine(gpus=0, bf16=False, cpus=2))
+
+
+def run_batch(capsys, *argv):
+    """``python -m knowlm_nb.batch ARGV --no-progress``: (exit code, stdout, stderr)."""
+    code = batch.main([*argv, "--no-progress"])
+    out = capsys.readouterr()
+    return code, out.out, out.err

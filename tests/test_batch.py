@@ -3,6 +3,7 @@ import os
 
 import nbformat
 import pytest
+from conftest import run_batch
 from nbformat.v4 import new_code_cell, new_notebook
 
 from knowlm_nb import ROOT, batch, config, preflight
@@ -124,18 +125,6 @@ def test_real_notebook_00_runs_under_papermill_with_other_parameters(tmp_path, c
     assert zoo["recipe"]["vocab_size"] == 700 and zoo["recipe"]["num_layers"] == 2
     assert figures["parameters"] == zoo["parameters"]
     assert "tokens_per_char_zh" in (work / "summary.md").read_text()
-
-
-@pytest.fixture
-def cpu_machine(monkeypatch):
-    """The preflight sees a machine without CUDA, whatever the tests run on."""
-    monkeypatch.setattr(preflight, "machine", lambda: preflight.Machine(gpus=0, bf16=False, cpus=2))
-
-
-def run_batch(capsys, *argv):
-    code = batch.main([*argv, "--no-progress"])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_gpu_profile_with_a_missing_model_folder_stops_before_any_notebook(tmp_path, capsys, cpu_machine):

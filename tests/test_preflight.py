@@ -4,24 +4,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import run_batch
 
 from knowlm_nb import ROOT, batch, config, preflight
 from knowlm_nb.preflight import Machine, PreflightError
 
 CPU = Machine(gpus=0, bf16=False, cpus=2)
 TINY_BASE = ROOT / "data_samples" / "tiny_base"
-
-
-@pytest.fixture
-def cpu_machine(monkeypatch):
-    """Tests see a machine without CUDA, whatever they run on."""
-    monkeypatch.setattr(preflight, "machine", lambda: CPU)
-
-
-def run_batch(capsys, *argv):
-    code = batch.main([*argv, "--no-progress"])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_a_path_that_exists_but_is_not_a_model_folder_is_named(tmp_path, capsys, cpu_machine):
