@@ -457,7 +457,8 @@ def check_schema(task: str, schema=None):
     """A normalised copy of ``schema`` (None = :func:`default_schema`); a clear error if bad.
 
     NER and RE take a list of type names; EE a mapping of event type to its
-    roles (a plain list of event types gets the roles of :data:`EVENT_ROLES`).
+    roles (a plain list of event types, or an empty role list, gets the roles
+    of :data:`EVENT_ROLES`).
     """
     _check_task(task)
     if schema is None:
@@ -474,7 +475,8 @@ def check_schema(task: str, schema=None):
             if not isinstance(roles, (list, tuple)) or not all(isinstance(r, str) and r.strip()
                                                                for r in roles):
                 raise ValueError(f"roles of {name!r} must be a list of strings, got {roles!r}")
-            out[_canonical(name.strip(), "EE")] = [r.strip() for r in roles]
+            canon = _canonical(name.strip(), "EE")  # no roles given: the course's, if it knows the type
+            out[canon] = [r.strip() for r in roles] or list(EVENT_ROLES.get(canon, []))
         return out
     if isinstance(schema, str) or not isinstance(schema, (list, tuple)) or not schema:
         raise ValueError(f"a {task} schema is a non-empty list of type names, got {schema!r}")

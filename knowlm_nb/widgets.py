@@ -34,8 +34,12 @@ MODEL_NAMES = ("base", "base + LoRA")
 BOTH = "both, side by side"
 PRESETS = {
     "greedy": {"num_beams": 1, "copy": False},
+    "greedy + copy constraint": {"num_beams": 1, "copy": True},
     "03 decoding (5 beams + copy constraint)": {"num_beams": 5, "copy": True},
 }
+# short names of the presets, for tables and recorded figures
+PRESET_KEYS = {"greedy": "greedy", "greedy + copy constraint": "greedy_copy",
+               "03 decoding (5 beams + copy constraint)": "decoded"}
 MAX_INPUT_CHARS = 600
 COLOURS = ["#ffd54f", "#81d4fa", "#a5d6a7", "#f48fb1", "#ce93d8", "#ffab91", "#b0bec5",
            "#e6ee9c", "#80cbc4", "#bcaaa4", "#9fa8da", "#fff59d"]
@@ -140,7 +144,7 @@ def f1_rows(results: dict) -> list[dict]:
     rows = []
     for (name, preset, task, lang), res in results.items():
         s = res["scores"]
-        row = {"model": name, "decoding": preset.split(" (")[0], "task": task, "lang": lang,
+        row = {"model": name, "decoding": PRESET_KEYS[preset], "task": task, "lang": lang,
                "n": len(res["records"])}
         if task == "EE":
             row.update(precision=s["argument"]["precision"], recall=s["argument"]["recall"],
@@ -229,7 +233,7 @@ def parse_schema_text(task: str, text: str):
             if not name.strip():
                 raise ValueError(f"schema line {line!r}: write 'EventType: role, role'")
             schema[name.strip()] = [r.strip() for r in roles.replace("，", ",").split(",")
-                                    if r.strip()] or ie.EVENT_ROLES.get(name.strip(), [])
+                                    if r.strip()]
         return ie.check_schema(task, schema)
     names = [x.strip() for x in text.replace("，", ",").replace("、", ",").replace("\n", ",").split(",")]
     return ie.check_schema(task, [x for x in names if x])
@@ -469,8 +473,8 @@ def demo(profile: str = "tiny", workdir: str = "", base: str = "", adapter: str 
 
 # ------------------------------------------------------------- standalone
 
-def write_demo_notebook(path: Path, profile: str = "tiny", workdir: str = "") -> Path:
-    """A one-cell notebook that shows :func:`demo`, for Voilà."""
+def write_demo_notebook(path: Path, **demo_args: str) -> Path:
+    """A one-cell notebook that shows ``demo(**demo_args)``, for Voilà."""
     import nbformat
 
     from .files import write_text
@@ -478,7 +482,8 @@ def write_demo_notebook(path: Path, profile: str = "tiny", workdir: str = "") ->
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(
-        f"from knowlm_nb import widgets\npanel = widgets.demo({profile!r}, {workdir!r})\npanel.box")]
+        "from knowlm_nb import widgets\n"
+        f"panel = widgets.demo(**{ {k: str(v) for k, v in demo_args.items()}!r})\npanel.box")]
     return write_text(Path(path), nbformat.writes(nb))
 
 
@@ -501,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import config
 
     wd = config.workdir_for(args.profile, args.workdir)
-    nb = write_demo_notebook(wd / "06" / "demo.ipynb", args.profile, args.workdir)
+    nb = write_demo_notebook(wd / "06" / "demo.ipynb", profile=args.profile, workdir=args.workdir)
     token = args.token or secrets.token_urlsafe(16)
     print(f"open http://127.0.0.1:{args.port}/?token={token}", flush=True)
     return subprocess.call(serve_command(nb, args.port, token), cwd=ROOT)
