@@ -172,19 +172,32 @@ def per_type_f1(results: dict, name: str, preset: str, task: str) -> dict[str, f
 def use_cjk_font() -> str | None:
     """Put a CJK-capable font first in matplotlib's sans-serif list; its name, or None.
 
-    Without one (Debian: ``apt-get install fonts-noto-cjk``) Chinese labels draw as boxes.
+    Without one (Debian: ``apt-get install fonts-noto-cjk``) Chinese labels draw
+    as boxes. A font installed after matplotlib built its font cache is added
+    from the system's font files.
     """
     import matplotlib
     from matplotlib import font_manager
 
-    for font in font_manager.fontManager.ttflist:
-        if "CJK" in font.name or font.name in ("WenQuanYi Zen Hei", "SimHei", "Source Han Sans SC"):
-            fam = list(matplotlib.rcParams["font.sans-serif"])
-            if font.name not in fam:
-                matplotlib.rcParams["font.sans-serif"] = [font.name] + fam
-            matplotlib.rcParams["font.family"] = "sans-serif"
-            return font.name
-    return None
+    def find():
+        names = [f.name for f in font_manager.fontManager.ttflist]
+        return next((n for n in names if "Sans CJK" in n), None) or next(
+            (n for n in names if "CJK" in n or n in ("WenQuanYi Zen Hei", "SimHei")), None)
+
+    name = find()
+    if name is None:
+        for path in font_manager.findSystemFonts():
+            if "CJK" in Path(path).name and "Sans" in Path(path).name:
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):
+                    continue
+        name = find()
+    if name is not None:
+        fam = list(matplotlib.rcParams["font.sans-serif"])
+        matplotlib.rcParams["font.sans-serif"] = [name] + [f for f in fam if f != name]
+        matplotlib.rcParams["font.family"] = "sans-serif"
+    return name
 
 
 def per_type_chart(results: dict, preset: str, tasks=ie.TASKS):
