@@ -17,8 +17,10 @@ What this shared module holds (stages 03 and 06 use it; it imports only shared m
   :func:`parse_ner` is 03's strict NER reading (with ``well_formed``);
 * scoring: :func:`score` (micro P/R/F1, per type, set or multiset; EE on
   triggers and on arguments), the one scorer of the course; 03's
-  :func:`score_ner` is a thin layer on it; :func:`evaluate` parses and scores
-  a batch of answers (the model call is the caller's).
+  :func:`score_ner` is a thin layer on it; :func:`eval_subset` picks held-out
+  examples, :func:`restyle` asks them in either style, :func:`evaluate`
+  parses and scores a batch of answers (the model call is the caller's:
+  ``knowlm_nb.widgets``).
 
 The tuple style, as 03 trains it::
 

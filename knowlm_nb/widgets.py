@@ -13,6 +13,7 @@
 * A standalone page for a classroom projector::
 
       python -m knowlm_nb.widgets serve [--profile tiny] [--port 8866]
+      python -m knowlm_nb.widgets evaluate [--n 8] [--out f1.json]   # the F1 table alone
 
   writes a one-cell demo notebook into ``runs/<profile>/06/`` and serves it
   with Voilà (code hidden, widgets live).
@@ -515,10 +516,32 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--workdir", default="")
     s.add_argument("--port", type=int, default=8866)
     s.add_argument("--token", default="", help="default: a random one, printed")
+    e = sub.add_parser("evaluate", help="F1 table of base and tuned, greedy and decoded")
+    e.add_argument("--profile", default="tiny")
+    e.add_argument("--workdir", default="")
+    e.add_argument("--n", type=int, default=0, help="examples per task and language (0: all)")
+    e.add_argument("--out", default="", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
-    from . import config
+    from . import config, report
 
     wd = config.workdir_for(args.profile, args.workdir)
+    if args.command == "evaluate":
+        p = config.notebook_params(args.profile, "06")
+        cfg = config.Config("06", p, wd)
+        models = Models(cfg.path("base_model"), cfg.path("adapter_path"), cfg.path("model_path"),
+                        p["prompt_template"])
+        try:
+            rows = f1_rows(evaluate_models(models, args.n or 10_000, ["greedy", list(PRESETS)[-1]],
+                                           max_new_tokens=p["max_new_tokens"]))
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(report.markdown_table(rows))
+        if args.out:
+            from .files import write_json
+
+            write_json(Path(args.out), rows)
+        return 0
     nb = write_demo_notebook(wd / "06" / "demo.ipynb", profile=args.profile, workdir=args.workdir)
     token = args.token or secrets.token_urlsafe(16)
     print(f"open http://127.0.0.1:{args.port}/?token={token}", flush=True)
