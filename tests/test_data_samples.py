@@ -117,11 +117,11 @@ def test_malformed_annotations_are_rejected(patch, fragment):
 
 
 def test_ie_builder_names_file_and_line_of_bad_input(tmp_path):
-    from knowlm_nb.tiny import ZooError
+    from knowlm_nb.files import FilesError  # ie reads JSONL through files
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "c.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(ZooError, match="c.jsonl:2: invalid UTF-8"):
+    with pytest.raises(FilesError, match="c.jsonl:2: invalid UTF-8"):
         ie.build_samples(tmp_path, write=False)
     (tmp_path / "corpus" / "c.jsonl").write_text('{"text": "ok"}\n\n{oops\n')
-    with pytest.raises(ZooError, match="c.jsonl:3: not JSON"):
+    with pytest.raises(FilesError, match="c.jsonl:3: not JSON"):
         ie.build_samples(tmp_path, write=False)
