@@ -99,7 +99,7 @@ def _ink(png: bytes) -> int:
     """Distinct colours in a screenshot (a blank box has a couple, glyphs many)."""
     from PIL import Image
 
-    return len(set(Image.open(io.BytesIO(png)).convert("RGB").getdata()))
+    return len(Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 24))
 
 
 def test_demo_in_chromium_runs_and_renders_chinese(voila_page):
