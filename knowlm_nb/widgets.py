@@ -159,10 +159,9 @@ def f1_rows(results: dict) -> list[dict]:
 
 def per_type_f1(results: dict, name: str, preset: str, task: str) -> dict[str, float]:
     """Per-type F1 of one model and preset on ``task``, both languages pooled (EE: triggers)."""
-    golds, preds, examples = [], [], []
-    for (m, p, t, lang), res in results.items():
+    golds, preds = [], []
+    for (m, p, t, _), res in results.items():
         if (m, p, t) == (name, preset, task):
-            examples += [lang] * len(res["records"])
             preds += res["records"]
             golds += res["golds"]
     s = ie.score(task, golds, preds)

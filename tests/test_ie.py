@@ -80,19 +80,13 @@ def _variants(task, lang, style, records):
         ("fenced", f"```{'json' if style == 'json' else ''}\n{good}\n```", records, True),
         ("full-width", fw, records, None),
         ("truncated", cut, None, True),
-        ("duplicated", _doubled(task, lang, style, records), records + records, False),
+        ("duplicated", ie.format_answer(task, lang, records + records, style), records + records, False),
         ("none", none, [], False),
         ("empty", "", [], True),
         ("binary", b"\x00\xff\xfe" + good.encode("utf-8"), records, True),
         ("hostile-brackets", ("[{" if style == "json" else "((") * 50_000, [], True),
         ("not-text", None, [], True),
     ]
-
-
-def _doubled(task, lang, style, records):
-    if style == "tuple":
-        return ie.format_answer(task, lang, records + records, style)
-    return ie.format_answer(task, lang, records + records, style)
 
 
 PARSE_CASES = [(t, lang, s, v[0]) for (t, lang, s) in CASES
