@@ -5,18 +5,23 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PROFILE ?= tiny
+BROWSER ?= 1           # make test BROWSER=0 skips the real-browser test (never under CI=true)
+export KNOWLM_BROWSER := $(BROWSER)
 export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: venv run test lab clean
+.PHONY: venv browser run test lab clean
 venv:
 	@bash env/setup.sh
+
+browser:
+	@bash env/browser.sh
 
 run: venv
 	$(PY) -m knowlm_nb.batch --profile $(PROFILE)
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1800 notebooks tests
 
 lab: venv

@@ -124,9 +124,13 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
         "max_new_tokens": int,
     },
     "06": {
-        "model_path": str,
-        "adapter_path": str,
+        "base_model": str,            # "base" in the demo and the evaluation (00's)
+        "model_path": str,            # the tuned model merged (04's); if missing, base + adapter
+        "adapter_path": str,          # 03's LoRA adapter
+        "prompt_template": str,
         "max_new_tokens": int,
+        "eval_per_task": int,         # held-out examples per task and language scored
+        "max_input_chars": int,       # the demo cuts longer input (with a notice)
     },
 }
 
@@ -153,7 +157,8 @@ UPSTREAM: dict[str, dict[str, tuple[str, str]]] = {
     "04": {"base_model": ("00", "base_model"), "tuned_model": ("02", "pretrained_model"),
            "adapter_path": ("03", "adapter"), "adapter_base": ("00", "base_model")},
     "05": {"model_path": ("04", "merged_model")},
-    "06": {"model_path": ("04", "merged_model"), "adapter_path": ("03", "adapter")},
+    "06": {"base_model": ("00", "base_model"), "model_path": ("04", "merged_model"),
+           "adapter_path": ("03", "adapter")},
 }
 
 TOP_LEVEL = {"description", *COMMON} | set(SCHEMA)

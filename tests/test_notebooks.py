@@ -172,3 +172,16 @@ def test_04_recorded_figures():
     assert f["merged_answers"] == 16
     assert (f["knowlm_diff_fp32_gib"], f["knowlm_diff_fp16_gib"]) == (48.4, 24.2)
     assert 90 < f["knowlm_original_ram_gib"] < 100 and f["streamed_ram_gib"] < 1
+def test_06_recorded_figures():
+    f = recorded("06")
+    assert f["gold_f1_min"] == 1.0                       # parser + scorer read gold answers back exactly
+    cells = [(t, lang) for t in ("ner", "re", "ee") for lang in ("en", "zh")]
+    for decoding in ("greedy", "decoded"):
+        for t, lang in cells:
+            assert f[f"f1_base_{decoding}_{t}_{lang}"] < 0.05  # the base was never taught the formats
+            assert 0.0 <= f[f"f1_tuned_{decoding}_{t}_{lang}"] <= 1.0
+    # 4 held-out sentences per language: the tuned model extracts entities (03 measured 0.30 greedy,
+    # 0.43 decoded on all 236); RE and EE stay near 0 at this size, whatever they are is recorded
+    ner = {d: (f[f"f1_tuned_{d}_ner_en"] + f[f"f1_tuned_{d}_ner_zh"]) / 2 for d in ("greedy", "decoded")}
+    assert ner["greedy"] > 0.05 and ner["decoded"] > 0.15
+    assert f["demo_rows_tuned"] >= 1                      # the demo's click found something
