@@ -301,9 +301,9 @@ def generation_kwargs(preset: str = "ie", **overrides) -> dict:
         given = [k for k in SAMPLING_KEYS if k in overrides]
         if given:
             raise InferenceError(
-                f"{', '.join(given)} only change the output when sampling, and this setting is "
-                f"greedy (preset {preset!r}, do_sample=False): pass do_sample=True or use "
-                "preset='chat', or drop them")
+                f"sampling parameter(s) {', '.join(given)} have no effect without sampling, and "
+                f"this setting does not sample (preset {preset!r}, do_sample=False): pass "
+                "do_sample=True or use preset='chat', or drop them")
         for k in SAMPLING_KEYS:
             kw.pop(k, None)
     return kw
@@ -396,14 +396,13 @@ def stream(model, tokenizer, prompt: str, preset: str = "ie", **overrides) -> It
     sent = ""
     held = ""
     longest = max((len(s) for s in stop), default=0)
+    stopped = False
     for piece in streamer:
         held += piece
         text, stopped = _cut(sent + held, stop)
         if stopped:
             if len(text) > len(sent):
                 yield text[len(sent):]
-            sent = text
-            held = ""
             break
         # keep back a tail that could be the start of a stop string
         safe = len(held) - (longest - 1) if longest else len(held)
@@ -411,11 +410,11 @@ def stream(model, tokenizer, prompt: str, preset: str = "ie", **overrides) -> It
             yield held[:safe]
             sent += held[:safe]
             held = held[safe:]
-    else:
-        if held:
-            yield held
-    for _ in streamer:  # drain after a stop string so the thread ends
-        pass
+    if stopped:
+        for _ in streamer:  # drain what generate still writes, so its thread ends
+            pass
+    elif held:
+        yield held
     thread.join()
     if errors:
         raise errors[0]
@@ -541,6 +540,34 @@ def compare(model_dir: str | Path, quantizations: Iterable[str] = QUANTIZATIONS,
         same = sum(a == b for a, b in zip(row["outputs"], base["outputs"]))
         row["same_greedy"] = same / max(1, len(base["outputs"]))
     return [r for r in rows if r["quantization"] in quantizations]
+
+
+WIDE_DIMS = {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 8,
+             "intermediate_size": 1536, "max_position": 512}
+
+
+def build_wide_model(out: str | Path, tokenizer_dir: str | Path, seed: int = 0, **dims) -> Path:
+    """A randomly initialised Llama of tens of millions of parameters (:data:`WIDE_DIMS`), saved.
+
+    Its weights are random: it is there for memory and speed ratios, where the
+    share of parameters inside ``Linear`` layers decides what 8-bit saves (as in
+    a 7B / 13B model). Its perplexity is that of a random model, so a
+    perplexity change measured on it means nothing. Reused when already built.
+    """
+    from . import tiny
+
+    out = Path(out)
+    dims = {**WIDE_DIMS, **dims}
+    stamp = json.dumps({"seed": seed, **dims}, sort_keys=True)
+    if (out / "wide.json").is_file() and (out / "wide.json").read_text() == stamp:
+        return out
+    tok = load_tokenizer(Path(tokenizer_dir))
+    model = tiny.build_model(tiny.model_config(tok, **dims), seed=seed)
+    with files.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "wide.json").write_text(stamp)
+    return out
 
 
 def _measure_in_subprocess(model_dir, quantization, texts, prompts, max_new_tokens) -> dict:
