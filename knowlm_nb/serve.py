@@ -317,7 +317,7 @@ def start(model_dir: str | Path, port: int | None = None, host: str = DEFAULT_HO
 
 # ------------------------------------------------------------------------ CLI
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m knowlm_nb.serve",
                                  description="Serve a model over HTTP with KnowLM's /generate schema.")
     ap.add_argument("--model", required=True, help="a local Hugging Face model folder")
@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens-cap", type=int, default=MAX_NEW_TOKENS_CAP)
     ap.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     ap.add_argument("--max-batch", type=int, default=MAX_BATCH)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.load_8bit and args.int8:
         ap.error("choose one of --load-8bit and --int8")

@@ -48,6 +48,23 @@ def test_load_refuses_bad_inputs(tmp_path):
         inference.load(tmp_path)
 
 
+def test_adapter_is_put_on_top(tmp_path, fp32):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = inference.load(BASE, "fp32")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.fill_(0.01)                                  # a non-zero update
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tuned, _ = inference.load(BASE, "fp32", adapter=tmp_path / "adapter")
+    assert not any("lora" in n for n, _ in tuned.named_parameters())   # merged into the weights
+    w0 = fp32[0].model.layers[0].self_attn.q_proj.weight
+    assert not w0.equal(tuned.model.layers[0].self_attn.q_proj.weight)
+    with pytest.raises(inference.InferenceError, match="adapter_config.json"):
+        inference.load(BASE, "fp32", adapter=tmp_path)
+
+
 # ------------------------------------------------------------------ placement
 
 def test_placement_builds_knowlm_allocate_arguments():

@@ -23,9 +23,11 @@ def server():
 
 
 def test_binds_localhost_by_default():
-    assert serve.DEFAULT_HOST == "127.0.0.1"
-    import argparse  # noqa: F401  (the flag's default is the constant)
-    assert "--host" in open(serve.__file__, encoding="utf-8").read()
+    args = serve.build_parser().parse_args(["--model", "m", "--port", "8000"])
+    assert args.host == "127.0.0.1" and not args.load_8bit and args.adapter is None
+    args = serve.build_parser().parse_args(["--model", "m", "--port", "1", "--load-8bit",
+                                            "--adapter", "a", "--host", "0.0.0.0"])
+    assert args.load_8bit and args.adapter == "a" and args.host == "0.0.0.0"
 
 
 def test_health_and_openapi(server):
