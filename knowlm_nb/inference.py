@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -653,8 +653,6 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> d
     state: dict[str, torch.Tensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(f))
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in state:
-        pass  # llama.cpp uses token_embd for output when output.weight is absent
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
 
     af = files.AtomicFile(out, "wb")

@@ -293,7 +293,11 @@ def start(model_dir: str | Path, port: int | None = None, host: str = DEFAULT_HO
             cmd += [flag, str(value)]
     import tempfile
 
-    log = Path(log) if log else Path(tempfile.mkstemp(prefix="knowlm-serve-", suffix=".log")[1])
+    if log is None:
+        fd, name = tempfile.mkstemp(prefix="knowlm-serve-", suffix=".log")
+        os.close(fd)
+        log = name
+    log = Path(log)
     fh = open(log, "wb")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
