@@ -518,15 +518,44 @@ def measure(model_dir: str | Path, quantization: str, texts: list[str], prompts:
     }
 
 
+def interleaved_speed(model_dir: str | Path, quantizations: Iterable[str], prompt: str,
+                      new_tokens: int = 8, rounds: int = 3) -> dict[str, float]:
+    """Greedy tokens/s of each path, all loaded in this process and timed in turns.
+
+    Every round times each path once, in order, on exactly ``new_tokens``
+    tokens (EOS ignored); the best round of each path counts. Taking turns
+    makes the ratios fair on a machine whose load changes while it runs,
+    which one process per path, one after the other, is not.
+    """
+    import torch
+
+    models = {q: load(model_dir, q) for q in quantizations}
+    best = {q: float("inf") for q in models}
+    for _ in range(rounds):
+        for q, (model, tok) in models.items():
+            enc = tok(prompt, return_tensors="pt")
+            enc = {k: v.to(model_device(model)) for k, v in enc.items()}
+            t = time.perf_counter()
+            with torch.no_grad():
+                model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=tok.pad_token_id)
+            best[q] = min(best[q], time.perf_counter() - t)
+    return {q: new_tokens / s for q, s in best.items()}
+
+
 def compare(model_dir: str | Path, quantizations: Iterable[str] = QUANTIZATIONS,
             texts: list[str] | None = None, prompts: list[str] | None = None,
-            max_new_tokens: int = 16, parameters: int | None = None) -> list[dict]:
+            max_new_tokens: int = 16, parameters: int | None = None,
+            speed_rounds: int = 3) -> list[dict]:
     """Measure each path in its own process, side by side, and relate it to ``fp32``.
 
     Rows gain ``weight_vs_fp16`` (weight memory over 2 bytes x parameters),
     ``ppl_change`` (relative to fp32), ``speed_vs_fp32`` and ``same_greedy``
     (share of greedy outputs identical to fp32's). ``fp32`` is measured first
-    when it is not in ``quantizations``.
+    when it is not in ``quantizations``. ``tokens_per_s`` comes from
+    :func:`interleaved_speed` (paths timed in turns, ``speed_rounds`` rounds);
+    ``tokens_per_s_alone`` is each process's own figure, which drifts with the
+    machine's load.
     """
     quantizations = list(quantizations)
     for q in quantizations:
@@ -538,6 +567,11 @@ def compare(model_dir: str | Path, quantizations: Iterable[str] = QUANTIZATIONS,
     rows = []
     for q in order:
         rows.append(_measure_in_subprocess(model_dir, q, texts, prompts, max_new_tokens))
+    if speed_rounds > 0 and prompts:
+        speed = interleaved_speed(model_dir, order, prompts[0], max_new_tokens, speed_rounds)
+        for row in rows:
+            row["tokens_per_s_alone"] = row["tokens_per_s"]
+            row["tokens_per_s"] = speed[row["quantization"]]
     base = rows[0]
     n_params = parameters or base["parameters"]
     for row in rows:
