@@ -325,10 +325,126 @@ def bench_weights(argv: list[str]) -> dict:
     }
 
 
+def bench_inference(argv: list[str]) -> dict:
+    """05: fp32 against bf16, bitsandbytes 8-bit and torchao int8, each in its own process:
+    weight memory (and vs fp16), peak RSS, tokens/s (vs fp32), perplexity change, same greedy.
+
+    On the trained tiny base (``--model``, default the shipped one) and on a
+    random-init ~29M-parameter Llama built offline (memory/speed ratios only:
+    its perplexity is a random model's). ``--texts N``, ``--prompts N``,
+    ``--new-tokens N``, ``--skip-wide``.
+    """
+    import argparse
+    import tempfile
+
+    from . import inference
+
+    ap = argparse.ArgumentParser(prog="python -m knowlm_nb.bench inference")
+    ap.add_argument("--model", default=str(ROOT / "data_samples" / "tiny_base"))
+    ap.add_argument("--texts", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--new-tokens", type=int, default=12)
+    ap.add_argument("--quantizations", default="fp32,bf16,bnb8,int8")
+    ap.add_argument("--skip-wide", action="store_true")
+    args = ap.parse_args(argv)
+    texts = inference.heldout_texts(args.texts)
+    prompts = texts[:args.prompts]
+    quants = args.quantizations.split(",")
+    keep = ("weight_mb", "weight_vs_fp16", "weight_vs_fp32", "peak_rss_mb", "rss_loaded_mb",
+            "tokens_per_s", "speed_vs_fp32", "perplexity", "ppl_change", "same_greedy",
+            "linear8bit_layers", "parameters")
+
+    def table(model_dir):
+        rows = inference.compare(model_dir, quants, texts, prompts, args.new_tokens)
+        return {r["quantization"]: {k: (round(r[k], 4) if isinstance(r[k], float) else r[k])
+                                    for k in keep} for r in rows}
+
+    out = {"texts": len(texts), "prompts": len(prompts), "new_tokens": args.new_tokens,
+           "tiny_base": table(args.model)}
+    if not args.skip_wide:
+        wide = inference.build_wide_model(Path(tempfile.gettempdir()) / "knowlm-bench-wide",
+                                          args.model)
+        out["wide_random"] = table(wide)
+        out["wide_note"] = "random init: memory and speed ratios only; its perplexity is meaningless"
+    return out
+
+
+def bench_serve(argv: list[str]) -> dict:
+    """05: N concurrent clients against a local /generate server for a bounded time:
+    requests sent / answered / failed, p50 / p99 latency, server RSS before and after.
+
+    ``--clients N`` (4), ``--seconds S`` (30), ``--new-tokens N`` (8), ``--model DIR``,
+    ``--rss-bound-mb`` (50: the growth allowed before ``rss_ok`` is false).
+    """
+    import argparse
+    import statistics
+    import threading
+
+    import httpx
+
+    from . import serve
+
+    ap = argparse.ArgumentParser(prog="python -m knowlm_nb.bench serve")
+    ap.add_argument("--model", default=str(ROOT / "data_samples" / "tiny_base"))
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--rss-bound-mb", type=float, default=50)
+    args = ap.parse_args(argv)
+    body = {"instruction": "List the names in the text.",
+            "input": "Marta Velling joined the Harrowgate Institute in March 2019.",
+            "parameters": {"max_new_tokens": args.new_tokens}}
+    with serve.start(args.model, template="alpaca_short") as server:
+        with httpx.Client(base_url=server.url, timeout=120) as c:   # warm up, then measure
+            c.post("/generate", json=body)
+        rss_before = server.rss_mb()
+        latencies: list[float] = []
+        counts = {"sent": 0, "answered": 0, "failed": 0}
+        lock = threading.Lock()
+        end = time.monotonic() + args.seconds
+
+        def client():
+            with httpx.Client(base_url=server.url, timeout=300) as c:
+                while time.monotonic() < end:
+                    t = time.perf_counter()
+                    with lock:
+                        counts["sent"] += 1
+                    try:
+                        ok = c.post("/generate", json=body).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    with lock:
+                        counts["answered" if ok else "failed"] += 1
+                        if ok:
+                            latencies.append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rss_after = server.rss_mb()
+        with httpx.Client(base_url=server.url) as c:
+            health = c.get("/health").json()
+    lat = sorted(latencies)
+    pct = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None  # noqa: E731
+    return {"clients": args.clients, "seconds": args.seconds, "new_tokens": args.new_tokens,
+            **counts, "requests_per_s": round(counts["answered"] / args.seconds, 2),
+            "p50_s": pct(0.50), "p99_s": pct(0.99),
+            "mean_s": round(statistics.fmean(lat), 3) if lat else None,
+            "max_concurrent_generations": health["max_concurrent_generations"],
+            "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+            "rss_growth_mb": round(rss_after - rss_before, 1),
+            "rss_bound_mb": args.rss_bound_mb,
+            "rss_ok": rss_after - rss_before <= args.rss_bound_mb}
+
+
 BENCHES = {
     "chunking": bench_chunking,
     "pretrain": bench_pretrain,
     "weights": bench_weights,
+    "inference": bench_inference,
+    "serve": bench_serve,
 }
 
 

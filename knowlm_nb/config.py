@@ -122,6 +122,10 @@ SCHEMA: dict[str, dict[str, type | tuple]] = {
         "model_path": str,
         "load_in_8bit": bool,
         "max_new_tokens": int,
+        "prompt_template": str,       # the template the served model was tuned with
+        "heldout_texts": int,         # held-out sentences for the perplexity column
+        "compare_prompts": int,       # prompts whose greedy answers are compared with fp32
+        "gguf_type": str,             # f16 | q8_0
     },
     "06": {
         "base_model": str,            # "base" in the demo and the evaluation (00's)
