@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import ROOT, ie
-from .instruct import generate, load_adapter, load_base, load_template, ner_copy_constraint
+from .decoding import generate, ner_copy_constraint
+from .instruct import load_adapter, load_base, load_template
 
 MODEL_NAMES = ("base", "base + LoRA")
 BOTH = "both, side by side"

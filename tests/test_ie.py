@@ -273,7 +273,7 @@ def _old_ie():
 
 def test_score_ner_equals_the_old_one_on_the_03_adapters_real_answers():
     """Real answers of notebook 03's adapter (make test runs 03 first), greedy and decoded."""
-    from knowlm_nb import ROOT, instruct
+    from knowlm_nb import ROOT, decoding, instruct
 
     adapter, base = ROOT / "runs" / "tiny" / "03" / "adapter", ROOT / "runs" / "tiny" / "00" / "base"
     if not (adapter / "adapter_config.json").is_file() or not (base / "config.json").is_file():
@@ -283,9 +283,9 @@ def test_score_ner_equals_the_old_one_on_the_03_adapters_real_answers():
     tok, model = instruct.load_adapter(base, adapter)
     template = instruct.load_template("alpaca_short")
     prompts = [template.prompt(ex["instruction"], ex["input"]) for ex in examples]
-    greedy = instruct.generate(model, tok, prompts, 64, 16)
-    decoded = instruct.generate(model, tok, prompts[::3], 64, 16,
-                                instruct.ner_copy_constraint(tok, examples[::3]), 5)
+    greedy = decoding.generate(model, tok, prompts, 64, 16)
+    decoded = decoding.generate(model, tok, prompts[::3], 64, 16,
+                                decoding.ner_copy_constraint(tok, examples[::3]), 5)
     assert any(ie.parse_ner(o)[0] for o in greedy)           # real answers, not all empty
     assert ie.score_ner(greedy, examples) == old.score_ner(greedy, examples)
     assert ie.score_ner(decoded, examples[::3]) == old.score_ner(decoded, examples[::3])

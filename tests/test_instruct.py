@@ -241,7 +241,7 @@ def test_copy_constrained_decoding_keeps_even_a_random_model_in_the_grammar(tok_
         assert all(name in ex["input"] for _, name in pairs), out
     assert scores["predicted"] > 0  # pairs, not only NONE
     with pytest.raises(decoding.DecodingError, match="num_beams"):
-        instruct.generate(model, tok, ["x"], num_beams=0)
+        decoding.generate(model, tok, ["x"], num_beams=0)
 
 
 def test_repeat_rate_counts_exact_copies_only(monkeypatch):
