@@ -5,7 +5,8 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PROFILE ?= tiny
-BROWSER ?= 1           # make test BROWSER=0 skips the real-browser test (never under CI=true)
+# make test BROWSER=0 skips the real-browser test (never under CI=true)
+BROWSER ?= 1
 export KNOWLM_BROWSER := $(BROWSER)
 export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
 export TOKENIZERS_PARALLELISM := false

@@ -137,7 +137,7 @@ PIPELINE = [
     ("03", "LoRA instruction\ntuning", "LoRA\nadapter", "instruct"),
     ("04", "weight diff &\nrecovery", "recovered +\nmerged model", "weights"),
     ("05", "8-bit\ninference", "int8 model,\ndecoding presets", "inference"),
-    ("06", "IE prompting\n& widgets", "NER / RE / EE\nF1, demo", "ie"),
+    ("06", "IE prompting\n& widgets", "NER / RE / EE\nF1, demo", "widgets"),
 ]
 
 
