@@ -424,23 +424,12 @@ def stream(model, tokenizer, prompt: str, preset: str = "ie", **overrides) -> It
 
 def perplexity(model, tokenizer, texts: Iterable[str], max_len: int = 128) -> float:
     """exp(mean next-token cross-entropy) over ``texts`` (each cut at ``max_len`` tokens)."""
-    import torch
+    from . import tiny
 
-    total, count = 0.0, 0
-    dev = model_device(model)
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text, truncation=True, max_length=max_len, return_tensors="pt")["input_ids"]
-            if ids.shape[1] < 2:
-                continue
-            ids = ids.to(dev)
-            logits = model(input_ids=ids).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-            total += loss.item()
-            count += ids.shape[1] - 1
-    if not count:
-        raise InferenceError("perplexity needs texts of at least two tokens")
-    return math.exp(total / count)
+    try:
+        return math.exp(tiny.mean_loss(model, tokenizer, texts, max_len=max_len))
+    except tiny.ZooError:
+        raise InferenceError("perplexity needs texts of at least two tokens") from None
 
 
 def heldout_texts(n: int = 40, data: Path = ROOT / "data_samples" / "ie") -> list[str]:

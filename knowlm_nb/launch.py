@@ -114,10 +114,10 @@ def _tool(name: str) -> str:
     return shutil.which(name) or name
 
 
-def free_port() -> int:
-    """A TCP port on this machine that nothing listens on now (for a one-node rendezvous)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now (a one-node rendezvous, a local server)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

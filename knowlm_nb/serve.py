@@ -22,7 +22,6 @@ CLI (binds 127.0.0.1 unless ``--host`` says otherwise)::
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import inference
+from .launch import free_port
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_BODY_BYTES = 64 * 1024
@@ -237,12 +237,6 @@ def create_app(model_dir: str | Path, adapter: str | Path | None = None,
 
 
 # ------------------------------------------------------------ in the background
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
 
 class Background:
     """A server process started by :func:`start`; ``url``, ``stop()``, usable with ``with``."""

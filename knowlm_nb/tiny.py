@@ -191,12 +191,14 @@ def mean_loss(model, tokenizer, texts: Iterable[str], max_len: int = 128) -> flo
 
     total, count = 0.0, 0
     model.eval()
+    device = next(model.parameters()).device  # a quantized or GPU-placed model too
     with torch.no_grad():
         for text in texts:
             ids = tokenizer(text, truncation=True, max_length=max_len,
                             return_tensors="pt")["input_ids"]
             if ids.shape[1] < 2:
                 continue
+            ids = ids.to(device)
             loss = model(input_ids=ids, labels=ids).loss
             total += loss.item() * (ids.shape[1] - 1)
             count += ids.shape[1] - 1

@@ -8,7 +8,6 @@ CI (``CI=true``) never opts out.
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from knowlm_nb import ROOT, ie, widgets
+from knowlm_nb import ROOT, ie, launch, widgets
 
 CHROMIUM = "/usr/bin/chromium"
 INSTALL = "apt-get install -y chromium fonts-noto-cjk   (as root; or: make test)"
@@ -43,12 +42,6 @@ def browser_ready():
                     "(or opt out with make test BROWSER=0)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _models_args() -> dict:
     """The tiny run's models when notebooks 00 and 03 ran, else the shipped base alone."""
     run = ROOT / "runs" / "tiny"
@@ -67,7 +60,7 @@ def voila_page(browser_ready):
     SHOTS.mkdir(parents=True, exist_ok=True)
     args = _models_args()
     nb = widgets.write_demo_notebook(SHOTS / "demo.ipynb", **args)
-    port, token = _free_port(), "knowlm-test-token"
+    port, token = launch.free_port(), "knowlm-test-token"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(widgets.serve_command(nb, port, token), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(SHOTS / "voila.log", "wb"))
