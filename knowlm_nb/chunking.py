@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import accumulate, chain
 from pathlib import Path
 from typing import Sequence
 
@@ -159,6 +159,19 @@ class ChunkStats:
     long_tokens: int = 0           # and tokens
     lengths: list = field(default_factory=list, repr=False)  # kept sample lengths
 
+    @classmethod
+    def counts(cls) -> list[str]:
+        """The count fields (all but ``lengths``), in a fixed order: the columns of :meth:`row`."""
+        return [k for k in cls.__dataclass_fields__ if k != "lengths"]
+
+    def row(self) -> list[int]:
+        """The counts as a list (cheap to send between processes); :meth:`add_row` adds one."""
+        return [getattr(self, k) for k in self.counts()]
+
+    def add_row(self, row) -> None:
+        for name, value in zip(self.counts(), row):
+            setattr(self, name, getattr(self, name) + int(value))
+
     def add(self, other: "ChunkStats") -> None:
         mine = self.__dict__
         for name, value in other.__dict__.items():
@@ -168,7 +181,7 @@ class ChunkStats:
                 mine[name] += value
 
     def summary(self, max_len: int) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "lengths"}
+        d = {k: getattr(self, k) for k in self.counts()}
         d["mean_fill"] = _fill(self.tokens, self.samples, max_len)
         # a document shorter than max_len cannot fill its one sample: report the two apart
         d["mean_fill_long"] = _fill(self.long_tokens, self.long_samples, max_len)
@@ -228,24 +241,37 @@ class Chunker:
         longer than :data:`PIECE_CHARS` characters is tokenized in pieces, cut
         at a space when one is near, so that hostile input costs linear time.
         """
+        if self._backend is None:
+            self._backend, self._byte_len = _raw_backend(self.tokenizer)
+        # unit ends are counted in what the tokens can be mapped back to: bytes
+        # for a byte-level BPE, else characters (the tokenizer's offsets)
+        size = _utf8_len if self._byte_len is not None else len
         segments: list[str] = []            # the strings the tokenizer gets
-        ends: list[list[int]] = []          # per segment: character offsets where units end
+        ends: list[list[int]] = []          # per segment: where its units end
         owner: list[int] = []               # per segment: its document
         for d, sentences in enumerate(docs):
+            units = self.units(sentences)
+            if units and max(map(len, units)) <= PIECE_CHARS:     # the common case
+                segments.append("".join(units))
+                ends.append(list(accumulate(map(size, units))))
+                owner.append(d)
+                continue
             cur: list[str] = []
             cur_ends: list[int] = []
-            for u in self.units(sentences):
+            at = 0
+            for u in units:
                 if len(u) <= PIECE_CHARS:
                     cur.append(u)
-                    cur_ends.append((cur_ends[-1] if cur_ends else 0) + len(u))
+                    at += size(u)
+                    cur_ends.append(at)
                     continue
                 if cur:
                     segments.append("".join(cur)), ends.append(cur_ends), owner.append(d)
-                    cur, cur_ends = [], []
+                    cur, cur_ends, at = [], [], 0
                 parts = pieces(u)
                 for k, part in enumerate(parts):
                     segments.append(part), owner.append(d)
-                    ends.append([len(part)] if k == len(parts) - 1 else [])
+                    ends.append([size(part)] if k == len(parts) - 1 else [])
             if cur:
                 segments.append("".join(cur)), ends.append(cur_ends), owner.append(d)
         ids_of: list[list[np.ndarray]] = [[] for _ in docs]
@@ -268,39 +294,49 @@ class Chunker:
         tokens that end at or before each of its unit ends."""
         if not segments:
             return [], []
-        if self._backend is None:
-            self._backend, self._byte_len = _raw_backend(self.tokenizer)
         self.work.update(calls=1, strings=len(segments), chars=sum(map(len, segments)))
         self.work["longest"] = max(self.work["longest"], max(map(len, segments)))
-        all_ids, all_bounds = [], []
+        flat_ends = np.fromiter(chain.from_iterable(ends), dtype=np.int64)
+        n_ends = [len(e) for e in ends]
         if self._byte_len is not None:
-            # byte-level BPE: every token is a run of the text's UTF-8 bytes, so
-            # the running sum of the tokens' byte lengths gives where each ends
-            for seg, seg_ends, enc in zip(segments, ends, self._backend.encode_batch_fast(
-                    segments, add_special_tokens=False)):
-                ids = np.array(enc.ids, dtype=np.int64)
-                tok_end = np.cumsum(self._byte_len[ids])
-                byte_ends = seg_ends if seg.isascii() else _utf8_offsets(seg, seg_ends)
-                n_bytes = len(seg) if seg.isascii() else len(seg.encode("utf-8"))
-                if len(ids) and tok_end[-1] != n_bytes:
-                    self._byte_len = None       # not a plain byte-level BPE: use offsets
-                    return self._encode(segments, ends)
-                all_ids.append(ids)
-                all_bounds.append(np.searchsorted(tok_end, byte_ends, side="right").tolist())
+            # byte-level BPE: every token is a run of the text's UTF-8 bytes, so the
+            # running sum of the tokens' byte lengths says where each token ends;
+            # all segments at once, as if concatenated
+            encs = self._backend.encode_batch_fast(segments, add_special_tokens=False)
+            ids = [np.array(e.ids, dtype=np.int64) for e in encs]
+            counts = np.array([len(i) for i in ids], dtype=np.int64)
+            flat = np.concatenate(ids)
+            tok_end = np.cumsum(self._byte_len[flat])
+            seg_len = np.array([_utf8_len(seg) for seg in segments], dtype=np.int64)
+            seg_end = np.cumsum(seg_len)
+            has = counts > 0
+            if not np.array_equal(tok_end[(np.cumsum(counts) - 1)[has]], seg_end[has]):
+                # not a plain byte-level BPE after all: use the offsets and character ends
+                self._byte_len = None
+                return self._encode(segments, [_char_ends(seg, e) for seg, e in
+                                               zip(segments, ends)])
+            seg_start = np.repeat(seg_end - seg_len, n_ends)
+            tok_start = np.repeat(np.cumsum(counts) - counts, n_ends)
+            bounds = np.searchsorted(tok_end, seg_start + flat_ends, side="right") - tok_start
         else:
             # any other fast tokenizer: the character offsets of every token
+            ids, parts = [], []
             for seg_ends, enc in zip(ends, self._backend.encode_batch(
                     segments, add_special_tokens=False)):
-                ids = np.array(enc.ids, dtype=np.int64)
+                ids.append(np.array(enc.ids, dtype=np.int64))
                 tok_end = np.maximum.accumulate(np.array([e for _, e in enc.offsets] or [0]))
-                all_ids.append(ids)
-                all_bounds.append(np.searchsorted(tok_end[:len(ids)], seg_ends,
-                                                  side="right").tolist())
-        for ids, bounds in zip(all_ids, all_bounds):
-            if bounds:
-                bounds[-1] = len(ids)           # the segment's last unit takes every token left
-        self.work["tokens"] += sum(len(i) for i in all_ids)
-        return all_ids, all_bounds
+                parts.append(np.searchsorted(tok_end[:len(ids[-1])], seg_ends, side="right"))
+            counts = np.array([len(i) for i in ids], dtype=np.int64)
+            bounds = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        all_bounds = np.split(bounds, np.cumsum(n_ends)[:-1]) if len(n_ends) > 1 else [bounds]
+        out_bounds = []
+        for n, b in zip(counts.tolist(), all_bounds):
+            b = b.tolist()
+            if b:
+                b[-1] = n                      # the segment's last unit takes every token left
+            out_bounds.append(b)
+        self.work["tokens"] += int(counts.sum())
+        return ids, out_bounds
 
     # -- packing --------------------------------------------------------------
     def pack(self, sentences: list[list[int]]) -> tuple[list[np.ndarray], ChunkStats]:
@@ -313,46 +349,52 @@ class Chunker:
                     lengths: list[int]) -> tuple[list[np.ndarray], ChunkStats]:
         """Samples of one document from its token ids and its units' lengths
         (``sum(lengths) == len(ids)``)."""
+        flat, sizes, st = self.pack_flat(ids, lengths)
+        return np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else [], st
+
+    def pack_flat(self, ids: np.ndarray,
+                  lengths: list[int]) -> tuple[np.ndarray, np.ndarray, ChunkStats]:
+        """:meth:`pack_tokens` as one array: ``(the samples concatenated, their sizes, stats)``."""
         lengths = [n for n in lengths if n]
         st = ChunkStats(documents=1, sentences=len(lengths), content_tokens=len(ids))
         if sum(lengths) != len(ids):
             raise ChunkError(f"unit lengths add up to {sum(lengths)} tokens, the document has "
                              f"{len(ids)}")
         if not lengths:
-            return [], st
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), st
         if self.mode == "greedy":
-            samples = self._pack_greedy(ids, lengths, st)
+            flat, sizes = self._pack_greedy(ids, lengths, st)
         else:
             samples = self._pack_knowlm(ids, lengths, st)
-        kept = []
-        for s in samples:
-            if len(s) < self.min_len:
-                st.dropped_samples += 1
-                st.dropped_tokens += len(s)
-            else:
-                kept.append(s)
-                st.lengths.append(len(s))
-        st.samples, st.tokens = len(kept), sum(len(s) for s in kept)
+            flat, sizes = np.concatenate(samples), [len(x) for x in samples]
+        if self.min_len and min(sizes) < self.min_len:
+            keep = [n >= self.min_len for n in sizes]
+            st.dropped_samples = keep.count(False)
+            st.dropped_tokens = sum(n for n, k in zip(sizes, keep) if not k)
+            flat = flat[np.repeat(keep, sizes)]
+            sizes = [n for n, k in zip(sizes, keep) if k]
+        st.lengths.extend(sizes)
+        st.samples, st.tokens = len(sizes), sum(sizes)
         if len(ids) + 2 > self.max_len:     # a long document: it can fill its samples
             st.long_documents, st.long_samples, st.long_tokens = 1, st.samples, st.tokens
-        return kept, st
+        return flat, np.array(sizes, dtype=np.int64), st
 
     def _pack_greedy(self, ids, lengths, st):
         capacity = self.max_len - 1                       # <s> opens every sample
         st.long_sentences = sum(n > capacity for n in lengths)
         cuts = greedy_cuts(lengths + [1], capacity)       # </s> closes the document
-        samples, start = [], 0
-        for end in cuts:
-            s = np.empty(end - start + 1, dtype=np.int64)
-            s[0] = self.bos
-            if end > len(ids):                            # the last sample: content + </s>
-                s[1:-1] = ids[start:]
-                s[-1] = self.eos
-            else:
-                s[1:] = ids[start:end]
-            samples.append(s)
+        # sample k is <s> + content[cuts[k-1]:cuts[k]], so in the output it is
+        # shifted right by the k <s> tokens before it; the last content is </s>
+        flat = np.empty(len(ids) + 1 + len(cuts), dtype=ids.dtype)
+        flat[-1] = self.eos
+        sizes, start = [], 0
+        for k, end in enumerate(cuts):
+            flat[start + k] = self.bos
+            stop = min(end, len(ids))
+            flat[start + k + 1:stop + k + 1] = ids[start:stop]
+            sizes.append(end - start + 1)
             start = end
-        return samples
+        return flat, sizes
 
     def _pack_knowlm(self, ids, lengths, st):
         # the original: <s> on the first sentence, </s> on the last, nothing in
@@ -424,14 +466,16 @@ def _raw_backend(tokenizer):
     return backend, byte_len
 
 
-def _utf8_offsets(text: str, char_offsets: list[int]) -> list[int]:
-    """The UTF-8 byte offsets of rising character offsets into ``text``."""
-    out, prev, at = [], 0, 0
-    for e in char_offsets:
-        at += len(text[prev:e].encode("utf-8"))
-        out.append(at)
-        prev = e
-    return out
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _char_ends(text: str, byte_ends: list[int]) -> list[int]:
+    """Character offsets of rising UTF-8 byte offsets into ``text``."""
+    if text.isascii():
+        return list(byte_ends)
+    per_char = np.cumsum([len(ch.encode("utf-8")) for ch in text])
+    return np.searchsorted(per_char, byte_ends, side="right").tolist()
 
 
 def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:

@@ -116,12 +116,32 @@ class IndexedDatasetWriter:
         if arr.ndim != 1 or len(arr) == 0:
             raise IndexedDatasetError(f"a sequence must be a non-empty 1-D list of ids, "
                                       f"got shape {arr.shape}")
-        if arr.dtype != self.dtype and self._max is not None and (arr.min() < 0
-                                                                 or arr.max() > self._max):
+        self.add_tokens(arr)
+        self.sizes.append(len(arr))
+
+    def add_sequences(self, tokens: np.ndarray, sizes, new_documents=()) -> None:
+        """Many sequences in one write: ``tokens`` concatenated, ``sizes`` their lengths.
+
+        ``new_documents``: positions in ``sizes`` where a document begins (as if
+        :meth:`end_document` were called before that sequence).
+        """
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if sizes.ndim != 1 or (sizes < 1).any() or int(sizes.sum()) != len(tokens):
+            raise IndexedDatasetError(f"sizes must be positive and add up to the {len(tokens)} "
+                                      f"tokens given, got {sizes.sum()} in {len(sizes)} sizes")
+        self.add_tokens(tokens)
+        base = len(self.sizes)
+        self.sizes.extend(sizes.tolist())
+        starts = base + np.asarray(new_documents, dtype=np.int64)
+        self.doc_idx.extend(starts[starts > self.doc_idx[-1]].tolist())
+
+    def add_tokens(self, tokens) -> None:
+        arr = np.asarray(tokens)
+        if arr.dtype != self.dtype and arr.size and self._max is not None and (
+                arr.min() < 0 or arr.max() > self._max):
             raise IndexedDatasetError(f"token id out of range for {self.dtype}: "
                                       f"min {arr.min()}, max {arr.max()}")
         self._bin.write(np.ascontiguousarray(arr, dtype=self.dtype).data)
-        self.sizes.append(len(arr))
 
     def end_document(self) -> None:
         """Mark the sequences added since the last call as one document."""
