@@ -225,3 +225,19 @@ def test_tokenizer_files_reads_what_the_chunker_needs(tmp_path, tokenizers_two_w
         tok.bos_token_id, tok.eos_token_id, len(tok))
     with pytest.raises(chunking.ChunkError, match="tokenizer.json"):
         chunking.TokenizerFiles(tmp_path)
+
+
+def test_a_byte_table_that_does_not_add_up_falls_back_to_offsets(tokenizers_two_ways):
+    """If the tokens' byte lengths do not add up to the text (not a plain byte-level
+    BPE after all), the chunker maps sentence ends with the tokenizer's offsets."""
+    tok = tokenizers_two_ways[0]
+    docs = [["今天下雨。", "明天晴！", " Hello world."], [" He left.", " é😀 ok."]]
+    good = chunking.Chunker(tok, 16)
+    expect = good.tokenize(docs)
+    assert good._byte_len is not None                       # the fast path was taken
+    bad = chunking.Chunker(tok, 16)
+    bad._backend, byte_len = chunking._raw_backend(tok)
+    bad._byte_len = byte_len + 1                            # every token one byte too long
+    got = bad.tokenize(docs)
+    assert bad._byte_len is None                            # it noticed, and used offsets
+    assert [(i.tolist(), n) for i, n in got] == [(i.tolist(), n) for i, n in expect]

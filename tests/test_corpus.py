@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from knowlm_nb import ROOT, chunking, corpus, files, indexed_dataset, tiny
 from conftest import write_jsonl
@@ -368,3 +369,64 @@ def test_cli(tiny_corpus, tokenizer_dir, tmp_path, capsys):
     rc = corpus.main(["prepare", "--input", tiny_corpus, "--tokenizer", str(tokenizer_dir),
                       "--max-len", "2", "--out", str(tmp_path / "e"), "--quiet"])
     assert rc == 2 and "max_len" in capsys.readouterr().err
+
+
+# ------------------------------------------- reading in batches, the fast paths
+
+def test_raw_batches_keep_file_line_numbers_across_batches_and_files(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_bytes(b'{"text": "x"}\n\n{"text": "y"}\n{"text": "z"}\n')
+    b = tmp_path / "b.txt"
+    b.write_text("a plain-text document")
+    c = tmp_path / "c.jsonl"
+    c.write_bytes(b'{"text": "w"}')                        # no final line break
+    expect = [(f"{a}:1", b'{"text": "x"}\n'), (f"{a}:2", b"\n"), (f"{a}:3", b'{"text": "y"}\n'),
+              (f"{a}:4", b'{"text": "z"}\n'), (str(b), b"a plain-text document"),
+              (f"{c}:1", b'{"text": "w"}')]
+    for size in (1, 2, 3, 4, 100):
+        batches = list(corpus.raw_batches([a, b, c], size))
+        got = [(where, raw) for batch in batches for where, _, _, raw in corpus.records(batch)]
+        assert got == expect
+        per_batch = [sum(len(run[4]) for run in batch) for batch in batches]
+        assert all(n == size for n in per_batch[:-1]) and 0 < per_batch[-1] <= size
+    assert [r[0] for r in corpus.raw_records([a, b, c])] == [w for w, _ in expect]
+
+
+@pytest.mark.parametrize("num_proc,batch_docs", [(2, 1), (2, 3), (3, 2)])
+def test_prepare_in_many_small_batches_equals_serial(tiny_corpus, tokenizer_dir, tmp_path,
+                                                     num_proc, batch_docs):
+    """Many batches, so that worker results and the main process's own batches
+    interleave (the in-flight window fills): the output is still in reading order."""
+    a = run([tiny_corpus], tokenizer_dir, tmp_path / "a", num_proc=1, dedup=True)
+    b = run([tiny_corpus], tokenizer_dir, tmp_path / "b", num_proc=num_proc, dedup=True,
+            batch_docs=batch_docs)
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    assert (tmp_path / "a.idx").read_bytes() == (tmp_path / "b.idx").read_bytes()
+    assert (a["chunking"], a["sources"], a["groups"]) == (b["chunking"], b["sources"], b["groups"])
+
+
+def _normalize_reference(text: str, lang: str) -> str:
+    """What normalize did before its fast paths (every step, always)."""
+    import re
+    import unicodedata
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    if lang == "code":
+        return corpus._CONTROL.sub("", text).strip("\n")
+    text = corpus._CONTROL.sub("", text).replace("\t", " ")
+    text = re.sub(r"[ \u3000]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(alphabet="ab .\n\r\t \u3000\x00\x07\x85\u200b\ufeffe\u0301\u00e9中", max_size=40),
+       lang=st.sampled_from(["en", "zh", "code"]))
+def test_normalize_fast_paths_change_nothing(text, lang):
+    assert corpus.normalize(text, lang) == _normalize_reference(text, lang)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ab1 .,\n\t\x0b\x1c中é😀$", max_size=40))
+def test_letter_count_ascii_path_equals_the_table(text):
+    expect = (sum(not ch.isspace() for ch in text), sum(ch.isalpha() for ch in text))
+    assert corpus._count_visible_and_letters(text) == expect

@@ -169,3 +169,37 @@ def test_writer_rejects_bad_sequences(tmp_path):
             w.add_sequence([])
         w.add_sequence([5])
     assert idx.IndexedDataset(tmp_path / "d")[0].tolist() == [5]
+
+
+@settings(max_examples=50, deadline=None)
+@given(docs=st.lists(st.lists(st.lists(st.integers(0, 60000), min_size=1, max_size=5),
+                              min_size=1, max_size=4), min_size=1, max_size=5),
+       split=st.integers(0, 20))
+def test_add_sequences_writes_what_add_sequence_writes(tmp_path_factory, docs, split):
+    """Many sequences (and document starts) in one call give the same files."""
+    tmp = tmp_path_factory.mktemp("bulk")
+    idx.write(tmp / "one", docs, np.uint16)
+    seqs = [s for d in docs for s in d]
+    starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+    with idx.IndexedDatasetWriter(tmp / "bulk", np.uint16) as w:
+        cut = min(split, len(seqs))                   # two calls, cut anywhere
+        for lo, hi in ((0, cut), (cut, len(seqs))):
+            part = seqs[lo:hi]
+            if part:
+                w.add_sequences(np.array([t for s in part for t in s], dtype=np.int64),
+                                [len(s) for s in part],
+                                new_documents=[k - lo for k in starts if lo <= k < hi])
+    for suffix in (".bin", ".idx"):
+        assert (tmp / f"bulk{suffix}").read_bytes() == (tmp / f"one{suffix}").read_bytes()
+
+
+def test_add_sequences_rejects_sizes_that_do_not_add_up(tmp_path):
+    w = idx.IndexedDatasetWriter(tmp_path / "d", np.uint16)
+    with pytest.raises(idx.IndexedDatasetError, match="add up"):
+        w.add_sequences(np.arange(5), [2, 2])
+    with pytest.raises(idx.IndexedDatasetError, match="positive"):
+        w.add_sequences(np.arange(2), [2, 0])
+    with pytest.raises(idx.IndexedDatasetError, match="out of range"):
+        w.add_sequences(np.array([70000, 1]), [2])
+    w.abort()
+    assert not list(tmp_path.iterdir())
