@@ -22,10 +22,11 @@ _RAW_TOKENIZER = """
 import json, sys, time
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
-texts = [json.loads(line)["text"] for path in sys.argv[2:] for line in open(path, encoding="utf-8")]
+encode = getattr(tok, sys.argv[2])
+texts = [json.loads(line)["text"] for path in sys.argv[3:] for line in open(path, encoding="utf-8")]
 t, c = time.perf_counter(), time.process_time()
 for i in range(0, len(texts), 32):
-    tok.encode_batch_fast(texts[i:i + 32], add_special_tokens=False)
+    encode(texts[i:i + 32], add_special_tokens=False)
 print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - c}))
 """
 
@@ -60,7 +61,8 @@ def bench_chunking(argv: list[str]) -> dict:
     The machine's load average is recorded: on a loaded machine the wall-clock
     ratios, the 2-process one above all, say more about the neighbours.
 
-    ``--max-len N`` (256), ``--repeats R`` (2), ``--times K`` (8: the sample corpus x K).
+    ``--max-len N`` (256), ``--repeats R`` (3), ``--times K`` (8: the sample corpus x K).
+    The fill rows come from :func:`fill_table`.
     """
     import argparse
     import os
@@ -73,7 +75,7 @@ def bench_chunking(argv: list[str]) -> dict:
 
     ap = argparse.ArgumentParser(prog="python -m knowlm_nb.bench chunking")
     ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--times", type=int, default=8)
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
@@ -107,8 +109,13 @@ def bench_chunking(argv: list[str]) -> dict:
               "max_len": args.max_len, "out_prefix": str(tmp / name), "dedup": False, **kw}
         return name, _PREPARE, [json.dumps(kw)], 1
 
-    jobs = [("raw_1_thread", _RAW_TOKENIZER, [str(tok_dir), *inputs], 1),
-            ("raw_2_threads", _RAW_TOKENIZER, [str(tok_dir), *inputs], 2),
+    # the raw batch tokenizer on the raw documents: encode_batch (ids, offsets, ...:
+    # the issue's baseline) and encode_batch_fast (ids only, what prepare calls)
+    raw = [str(tok_dir), "encode_batch", *inputs]
+    raw_fast = [str(tok_dir), "encode_batch_fast", *inputs]
+    jobs = [("raw_1_thread", _RAW_TOKENIZER, raw, 1),
+            ("raw_2_threads", _RAW_TOKENIZER, raw, 2),
+            ("raw_fast_1_thread", _RAW_TOKENIZER, raw_fast, 1),
             prep("prepare_1_proc", num_proc=1),
             prep("prepare_2_procs", num_proc=2),
             prep("prepare_1_proc_dedup", num_proc=1, dedup=True),
@@ -181,9 +188,12 @@ def bench_chunking(argv: list[str]) -> dict:
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "seconds": {k: round(v, 3) for k, v in wall.items()},
         "raw_tokenizer_tokens_per_s": round(tokens / wall["raw_1_thread"]),
+        "raw_fast_tokenizer_tokens_per_s": round(tokens / wall["raw_fast_1_thread"]),
         "prepare_tokens_per_s": round(tokens / wall["prepare_1_proc"]),
         # the whole command / the raw batch tokenizer, same thread count (target >= 0.8)
         "prepare_vs_raw_1_proc": ratio("raw_1_thread", "prepare_1_proc"),
+        # the same against encode_batch_fast (no offsets): a stricter baseline
+        "prepare_vs_raw_fast_1_proc": ratio("raw_fast_1_thread", "prepare_1_proc"),
         # the same in CPU seconds: what the load of other processes disturbs least
         "prepare_vs_raw_1_proc_cpu": round(best["raw_1_thread"]["cpu"]
                                            / best["prepare_1_proc"]["cpu"], 3),
@@ -198,12 +208,131 @@ def bench_chunking(argv: list[str]) -> dict:
         "line_1mb_vs_250kb_time": round(line_ratio, 2),                       # linear: ~4
         "fill": {k: ch[k] for k in ("mean_fill", "mean_fill_long", "mean_fill_short",
                                     "long_documents", "duplicated_tokens")},
+        "fill_table": fill_table(tok),
         "knowlm_duplicated_tokens": best["prepare_1_proc_knowlm"]["chunking"]["duplicated_tokens"],
         "prepare_x1": {k: rss[1][k] for k in ("rss_mb", "wall", "tokens")},
         "prepare_x10": {k: rss[10][k] for k in ("rss_mb", "wall", "tokens")},
         "peak_rss_growth_mb": round(rss[10]["rss_mb"] - rss[1]["rss_mb"], 1),  # target < 100
         "mmap_random_reads_per_s": round(reads_per_s),                         # target >= 100k
     }
+
+
+def prepare_vs_tokenizer(inputs, tokenizer_dir, max_len: int, times: int = 4,
+                         repeats: int = 2) -> dict:
+    """In this process, one thread each, best of ``repeats``: the whole
+    ``corpus.prepare`` (1 process, no dedup) against the raw batch tokenizer on
+    the same raw documents (the JSONL ``inputs`` repeated ``times``).
+
+    A light, in-process version of ``bench chunking`` for a notebook. Tokenizer
+    threads are switched off meanwhile (``TOKENIZERS_PARALLELISM``, read by the
+    tokenizers library at every call) and restored after. Returns seconds and
+    ratios (``> 1``: prepare is faster than the raw call).
+    """
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from . import chunking, corpus
+
+    backend = chunking.TokenizerFiles(tokenizer_dir).backend_tokenizer
+    tmp = Path(tempfile.mkdtemp(prefix="prepare-vs-tokenizer-"))
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+    def best(fn):
+        times_s = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times_s.append(time.perf_counter() - t)
+        return min(times_s)
+
+    def raw(encode):
+        for i in range(0, len(texts), 32):
+            encode(texts[i:i + 32], add_special_tokens=False)
+
+    try:
+        for path in corpus.input_files(inputs):
+            (tmp / path.name).write_bytes(path.read_bytes() * times)
+        texts = [json.loads(line)["text"] for path in sorted(tmp.glob("*.jsonl"))
+                 for line in path.open(encoding="utf-8") if line.strip()]
+        seconds = {
+            "encode_batch": best(lambda: raw(backend.encode_batch)),
+            "encode_batch_fast": best(lambda: raw(backend.encode_batch_fast)),
+            "prepare": best(lambda: corpus.prepare(
+                [str(tmp / "*.jsonl")], tokenizer_dir, max_len, tmp / "out" / "ds", num_proc=1,
+                dedup=False, progress=False, weights="natural")),
+        }
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"documents": len(texts), "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "prepare_vs_encode_batch": round(seconds["encode_batch"] / seconds["prepare"], 3),
+            "prepare_vs_encode_batch_fast": round(seconds["encode_batch_fast"]
+                                                  / seconds["prepare"], 3)}
+
+
+def fill_table(tokenizer, max_lens=(256, 1024), joins=(1, 25)) -> list[dict]:
+    """How full greedy packs the samples of long documents, and what bounds it.
+
+    On the sample corpus (cleaned, deduplicated) as it is and with every ``k``
+    documents of a language joined into one (long documents, as in a real
+    corpus), per ``max_len``: fill over the samples of documents longer than
+    ``max_len`` (``fill_long``), over those samples but each document's last
+    (``fill_not_last``: what sentence ends alone cost), and the fill if the last
+    samples and the short documents were packed *across* documents (first-fit
+    decreasing, several documents per sample; not what ``prepare`` does).
+    Greedy's sample count is the fewest any packer that keeps sentences whole and
+    in order within a document can reach, so ``fill_long`` is also that bound.
+    """
+    from . import chunking, corpus
+
+    docs = list(corpus.cleaned_sentences(["data_samples/corpus/*.jsonl"]))
+    rows = []
+    for k in joins:
+        joined = []
+        for lang in ("zh", "en", "code"):
+            group = [s for d, s in docs if d.lang == lang]
+            for i in range(0, len(group), k):
+                # documents end with a paragraph break when joined
+                joined.append([x for s in group[i:i + k] for x in s[:-1] + [s[-1] + "\n"]]
+                              if k > 1 else group[i])
+        for max_len in max_lens:
+            chunker = chunking.Chunker(tokenizer, max_len)
+            not_last = [0, 0]          # tokens, samples
+            rest = []                  # last samples of long documents, short documents
+            for ids, lengths in chunker.tokenize(joined):
+                flat, sizes, st = chunker.pack_flat(ids, lengths)
+                chunker.stats.add(st)
+                if st.long_documents:
+                    not_last[0] += int(sizes[:-1].sum())
+                    not_last[1] += len(sizes) - 1
+                rest.append(int(sizes[-1]))
+            bins: list[int] = []
+            for n in sorted(rest, reverse=True):
+                k_fit = next((b for b, used in enumerate(bins) if used + n <= max_len), None)
+                if k_fit is None:
+                    bins.append(n)
+                else:
+                    bins[k_fit] += n
+            s = chunker.stats.summary(max_len)
+            rows.append({
+                "max_len": max_len, "documents_joined": k, "documents": s["documents"],
+                "long_documents": s["long_documents"],
+                "mean_document_tokens": round(s["content_tokens"] / s["documents"]),
+                "fill_long": s["mean_fill_long"],
+                "fill_not_last": round(not_last[0] / (not_last[1] * max_len), 4)
+                if not_last[1] else None,
+                "fill_across_documents": round((not_last[0] + sum(bins))
+                                               / ((not_last[1] + len(bins)) * max_len), 4),
+                "duplicated_tokens": s["duplicated_tokens"],
+                "mean_sentence_tokens": round(s["content_tokens"] / s["sentences"], 1),
+            })
+    return rows
 
 
 def bench_pretrain(argv: list[str]) -> dict:

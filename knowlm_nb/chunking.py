@@ -350,7 +350,8 @@ class Chunker:
         """Samples of one document from its token ids and its units' lengths
         (``sum(lengths) == len(ids)``)."""
         flat, sizes, st = self.pack_flat(ids, lengths)
-        return np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else [], st
+        ends = np.cumsum(sizes).tolist()
+        return [flat[a:b] for a, b in zip([0] + ends, ends)], st
 
     def pack_flat(self, ids: np.ndarray,
                   lengths: list[int]) -> tuple[np.ndarray, np.ndarray, ChunkStats]:

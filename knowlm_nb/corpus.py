@@ -781,18 +781,19 @@ def _drop_summary(sources) -> str:
 
 
 def _write_blend(parts: Path, doc_lang: list[str], out_prefix: Path, weights, num_samples,
-                 seed, chunk: int = 1 << 20) -> dict:
+                 seed, chunk_tokens: int = 1 << 20) -> dict:
     """Write the blended output from ``parts`` (every kept document, in reading
     order; ``doc_lang[d]`` is document ``d``'s language); return the mix figures.
 
-    Vectorized: ``chunk`` samples at a time are gathered from the memory-mapped
-    parts with one fancy index and written with one call.
+    Vectorized: about ``chunk_tokens`` tokens at a time are gathered from the
+    memory-mapped parts with one fancy index and written with one call, so
+    memory holds a few bytes per sample and ``chunk_tokens`` tokens, never the corpus.
     """
     data = indexed_dataset.IndexedDataset(parts)
-    doc_of = np.repeat(np.arange(len(doc_lang)), np.diff(data.doc_idx))   # per sample
-    langs, lang_of_doc = np.unique(np.array(doc_lang), return_inverse=True)
-    lang_of = lang_of_doc[doc_of]
-    members = {str(g): np.flatnonzero(lang_of == k) for k, g in enumerate(langs)}
+    langs, code_of_doc = np.unique(np.array(doc_lang), return_inverse=True)
+    code_of = np.repeat(code_of_doc.astype(np.int8), np.diff(data.doc_idx))    # per sample
+    members = {str(g): np.flatnonzero(code_of == k) for k, g in enumerate(langs)}
+    del code_of
     counts = {g: len(m) for g, m in members.items()}
     w = resolve_weights(weights, counts) or {g: float(n) for g, n in counts.items()}
     n_total = num_samples if num_samples is not None else sum(counts.values())
@@ -802,32 +803,36 @@ def _write_blend(parts: Path, doc_lang: list[str], out_prefix: Path, weights, nu
     for d, g in enumerate(names):
         at = dataset_index == d
         picked[at] = members[g][sample_index[at]]
+    del members, sample_index
+    sizes = data.sizes[picked].astype(np.int64)
+    ends = np.cumsum(sizes)
     starts = data.pointers // data.tokens.itemsize
-    tokens = Counter()
+    bounds = np.searchsorted(ends, np.arange(chunk_tokens, int(ends[-1]), chunk_tokens))
     with indexed_dataset.IndexedDatasetWriter(out_prefix, data.tokens.dtype) as out:
         prev_doc = -1
-        for a in range(0, n_total, chunk):
-            ids = picked[a:a + chunk]
-            sizes = data.sizes[ids].astype(np.int64)
+        for a, b in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [n_total]])):
+            if a == b:
+                continue
+            ids, n = picked[a:b], sizes[a:b]
             # token positions: each sample's start, then +1 along the sample
-            offsets = np.cumsum(sizes) - sizes
-            where = np.repeat(starts[ids] - offsets, sizes) + np.arange(int(sizes.sum()))
-            docs = doc_of[ids]
+            offsets = np.cumsum(n) - n
+            where = np.repeat(starts[ids] - offsets, n) + np.arange(int(n.sum()))
+            docs = np.searchsorted(data.doc_idx, ids, side="right") - 1
             new = np.flatnonzero(np.diff(docs, prepend=prev_doc) != 0)
-            out.add_sequences(data.tokens[where], sizes, new_documents=new)
+            out.add_sequences(data.tokens[where], n, new_documents=new)
             prev_doc = int(docs[-1])
-        for d, g in enumerate(names):
-            tokens[g] = int(data.sizes[picked[dataset_index == d]].sum(dtype=np.int64))
-    drawn = Counter(names[d] for d in dataset_index.tolist())
+    tokens = {g: int(sizes[dataset_index == d].sum()) for d, g in enumerate(names)}
+    drawn = {g: int(n) for g, n in zip(names, np.bincount(dataset_index, minlength=len(names)))
+             if n}
     total_w = sum(w[g] for g in names)
     return {
         "weights": {g: w[g] for g in names},
         "target": {g: round(w[g] / total_w, 6) for g in names},
-        "realized": {g: round(drawn[g] / n_total, 6) for g in names},
+        "realized": {g: round(drawn.get(g, 0) / n_total, 6) for g in names},
         "realized_tokens": {g: round(tokens[g] / sum(tokens.values()), 6) for g in names},
         "available": counts,
-        "drawn": dict(drawn),
-        "epochs": {g: round(drawn[g] / counts[g], 3) for g in names},
+        "drawn": drawn,
+        "epochs": {g: round(drawn.get(g, 0) / counts[g], 3) for g in names},
         "num_samples": n_total,
         "tokens": sum(tokens.values()),
     }

@@ -430,3 +430,16 @@ def test_normalize_fast_paths_change_nothing(text, lang):
 def test_letter_count_ascii_path_equals_the_table(text):
     expect = (sum(not ch.isspace() for ch in text), sum(ch.isalpha() for ch in text))
     assert corpus._count_visible_and_letters(text) == expect
+
+
+def test_blend_written_in_small_chunks_is_the_same(tiny_corpus, tokenizer_dir, tmp_path,
+                                                    monkeypatch):
+    """The blend gathers a bounded number of tokens at a time; the chunk size changes nothing."""
+    import functools
+    whole = run([tiny_corpus], tokenizer_dir, tmp_path / "a", num_samples=500)
+    monkeypatch.setattr(corpus, "_write_blend",
+                        functools.partial(corpus._write_blend, chunk_tokens=37))
+    small = run([tiny_corpus], tokenizer_dir, tmp_path / "b", num_samples=500)
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    assert (tmp_path / "a.idx").read_bytes() == (tmp_path / "b.idx").read_bytes()
+    assert whole["blend"] == small["blend"] and whole["blend"]["num_samples"] == 500
