@@ -467,34 +467,42 @@ def _init_worker(tokenizer_dir: str, max_len: int, mode: str, min_len: int, dedu
                    dedup=dedup, dtype=np.dtype(dtype))
 
 
-def _in_order(batches: Iterator, pool, window: int) -> Iterator[dict]:
-    """:func:`_process` of every batch, in order, shared between ``pool`` and this process.
+def _in_order(batches: Iterator, pool, workers: int, per_worker: int = 2) -> Iterator[dict]:
+    """:func:`_process` of every batch, in order, shared between ``pool`` (of
+    ``workers`` processes) and this process.
 
-    At most ``window`` batches are in flight (memory stays bounded). While the
-    oldest is not done and the window is full, this process takes the next
-    batch itself instead of waiting: so ``num_proc`` processes work, not
-    ``num_proc`` workers plus an idle parent.
+    Each worker has at most ``per_worker`` batches queued; while the oldest
+    batch is not done and the workers' queues are full, this process takes the
+    next batch itself instead of waiting. So ``num_proc`` processes work (not
+    ``num_proc - 1`` workers and an idle main process), and at the end the main
+    process waits for at most ``per_worker`` batches per worker. Memory stays
+    bounded: at most a few dozen batches are held.
     """
     if pool is None:
         yield from map(_process, batches)
         return
-    pending: deque = deque()
+    window = per_worker * workers
+    pending: deque = deque()       # AsyncResults (in a worker) and done results, in order
+    in_flight = 0
     batches = iter(batches)
     more = True
     while more or pending:
-        if pending and (not isinstance(pending[0], AsyncResult) or pending[0].ready()):
-            head = pending.popleft()
-            yield head.get() if isinstance(head, AsyncResult) else head
+        head = pending[0] if pending else None
+        waiting = isinstance(head, AsyncResult)
+        if head is not None and (not waiting or head.ready()
+                                 or not more or len(pending) > 8 * window):
+            pending.popleft()
+            if waiting:
+                in_flight -= 1
+                head = head.get()
+            yield head
             continue
-        batch = next(batches, None) if more else None
+        batch = next(batches, None)
         if batch is None:
             more = False
-            if pending:
-                head = pending.popleft()
-                yield head.get() if isinstance(head, AsyncResult) else head
-            continue
-        if len(pending) < window:
+        elif in_flight < window:
             pending.append(pool.apply_async(_process, (batch,)))
+            in_flight += 1
         else:
             pending.append(_process(batch))
 
@@ -648,7 +656,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int | Non
             # num_proc - 1 workers, and this process works too while it waits
             pool = multiprocessing.get_context(_START).Pool(num_proc - 1, _init_worker, init)
         _init_worker(*init)
-        results = _in_order(batches, pool, 4 * num_proc)
+        results = _in_order(batches, pool, num_proc - 1)
         bar = _progress(progress)
         writer = indexed_dataset.IndexedDatasetWriter(parts, dtype)
         for batch in results:
@@ -781,7 +789,7 @@ def _drop_summary(sources) -> str:
 
 
 def _write_blend(parts: Path, doc_lang: list[str], out_prefix: Path, weights, num_samples,
-                 seed, chunk_tokens: int = 1 << 20) -> dict:
+                 seed, chunk_tokens: int = 1 << 18) -> dict:
     """Write the blended output from ``parts`` (every kept document, in reading
     order; ``doc_lang[d]`` is document ``d``'s language); return the mix figures.
 
