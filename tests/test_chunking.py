@@ -1,4 +1,6 @@
 """Greedy packing: hypothesis properties, minimality against a brute force, knowlm mode."""
+import json
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -169,40 +171,98 @@ def tokenizers_two_ways(tmp_path_factory):
 sentence_text = st.text(alphabet="ab cd,.!?\n中文。，！“”é😀\t", max_size=60)
 
 
+def check_packing(tok, sentences: list[str], max_len: int):
+    """The chunker's promises on one document, for tokenizer ``tok``: samples of at
+    most ``max_len`` tokens, ``<s>`` first, ``</s>`` last, their content exactly the
+    document's own tokenization, cut only at sentence ends (or inside a sentence
+    that alone is longer than a sample). Returns ``(unit lengths, samples)``."""
+    chunker = chunking.Chunker(tok, max_len)
+    text = "".join(sentences)
+    (samples,) = chunker.chunk([sentences])
+    ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert all(len(s) <= max_len for s in samples)
+    assert chunker.work["calls"] == (1 if text else 0)
+    content = [t for s in samples for t in s[1:].tolist()]
+    if not ids:
+        assert samples == []
+        return None
+    assert all(s[0] == BOS for s in samples) and content[-1] == EOS
+    assert content[:-1] == ids                       # the document's own tokens, once
+    ((_, lengths),) = chunking.Chunker(tok, max_len).tokenize([sentences])
+    ends, pos, inside_ok = {0}, 0, set()
+    for n in lengths:
+        if n > max_len - 1:
+            inside_ok.update(range(pos + 1, pos + n))
+        pos += n
+        ends.add(pos)
+    cut = 0
+    for s in samples[:-1]:
+        cut += len(s) - 1
+        assert cut in ends or cut in inside_ok
+    return lengths, [s.tolist() for s in samples]
+
+
 @settings(max_examples=150, deadline=None)
 @given(sentences=st.lists(sentence_text, max_size=12),
        max_len=st.integers(min_value=3, max_value=40))
 def test_samples_concatenate_to_the_documents_whole_tokenization(tokenizers_two_ways, sentences,
                                                                  max_len):
-    found = []
-    for tok in tokenizers_two_ways:
-        chunker = chunking.Chunker(tok, max_len)
-        text = "".join(sentences)
-        (samples,) = chunker.chunk([sentences])
-        ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
-        assert all(len(s) <= max_len for s in samples)
-        content = [t for s in samples for t in s[1:].tolist()]
-        if not ids:
-            assert samples == []
-            continue
-        assert all(s[0] == BOS for s in samples) and content[-1] == EOS
-        assert content[:-1] == ids                       # the document's own tokens, once
-        # every cut is at a unit end, unless the unit alone is longer than a sample
-        ((_, lengths),) = chunking.Chunker(tok, max_len).tokenize([sentences])
-        ends, pos, inside_ok = {0}, 0, set()
-        for n in lengths:
-            if n > max_len - 1:
-                inside_ok.update(range(pos + 1, pos + n))
-            pos += n
-            ends.add(pos)
-        cut = 0
-        for s in samples[:-1]:
-            cut += len(s) - 1
-            assert cut in ends or cut in inside_ok
-        found.append((lengths, [s.tolist() for s in samples]))
-    if len(found) == 2:
-        assert found[0] == found[1]          # byte lengths and offsets find the same ends
-    assert chunker.work["calls"] == (1 if "".join(sentences) else 0)
+    found = [check_packing(tok, sentences, max_len) for tok in tokenizers_two_ways]
+    assert found[0] == found[1]          # byte lengths and offsets find the same ends
+
+
+@pytest.fixture(scope="module")
+def llama_like_tokenizer():
+    """A tokenizer built the way LLaMA's (KnowLM's) is converted to ``tokenizer.json``:
+    a SentencePiece-style BPE with ``▁`` for spaces (normalizer: prepend ``▁``,
+    replace spaces) and byte fallback (``<0xE9>``) for characters not in the
+    vocabulary. Not byte-level: the chunker maps sentence ends with offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = tiny.iter_texts(files.find_files("data_samples/corpus/*.jsonl"))
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # trained on words, as SentencePiece is: a piece may start with ▁, never hold one inside
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=300))
+    spec = json.loads(tok.to_str())
+    spec["pre_tokenizer"] = None                      # encoding: the normalizer does it all
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    vocab = spec["model"]["vocab"]
+    for b in range(256):                              # the byte-fallback pieces
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@settings(max_examples=150, deadline=None)
+@given(sentences=st.lists(sentence_text, max_size=12),
+       max_len=st.integers(min_value=3, max_value=40))
+def test_llama_like_tokenizer_packs_its_own_tokenization(llama_like_tokenizer, sentences,
+                                                         max_len):
+    check_packing(llama_like_tokenizer, sentences, max_len)
+
+
+def test_llama_like_sentence_ends_include_byte_fallback_pieces(llama_like_tokenizer):
+    tok = llama_like_tokenizer
+    sentences = ["今天下雨。", "明天晴😀！", " Hello world.", " He left."]
+    chunker = chunking.Chunker(tok, 64)
+    ((ids, lengths),) = chunker.tokenize([sentences])
+    assert chunker._backend is not None and chunker._byte_len is None     # offsets, not bytes
+    pieces = tok.convert_ids_to_tokens(ids.tolist())
+    assert any(p.startswith("<0x") for p in pieces)           # byte fallback was used
+    pos, decoded = 0, []
+    for n in lengths:
+        decoded.append(tok.decode(ids[pos:pos + n].tolist()))
+        pos += n
+    # every sentence comes back whole (the decoder strips one leading space per call)
+    assert [d.strip() for d in decoded] == [s.strip() for s in sentences]
 
 
 def test_sentence_ends_map_to_token_boundaries(tokenizers_two_ways):
