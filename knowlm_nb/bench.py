@@ -119,6 +119,7 @@ def bench_chunking(argv: list[str]) -> dict:
             prep("prepare_1_proc", num_proc=1),
             prep("prepare_2_procs", num_proc=2),
             prep("prepare_1_proc_dedup", num_proc=1, dedup=True),
+            prep("prepare_2_procs_dedup", num_proc=2, dedup=True),
             prep("prepare_1_proc_knowlm", num_proc=1, mode="knowlm")]
     best: dict[str, dict] = {}
     for _ in range(args.repeats):          # in turn, so that a burst of load hits all alike
@@ -200,6 +201,7 @@ def bench_chunking(argv: list[str]) -> dict:
         "prepare_vs_raw_1_proc_dedup": ratio("raw_1_thread", "prepare_1_proc_dedup"),
         "prepare_vs_raw_1_proc_knowlm": ratio("raw_1_thread", "prepare_1_proc_knowlm"),
         "prepare_vs_raw_2_procs": ratio("raw_2_threads", "prepare_2_procs"),
+        "prepare_vs_raw_2_procs_dedup": ratio("raw_2_threads", "prepare_2_procs_dedup"),
         "two_procs_speedup": ratio("prepare_1_proc", "prepare_2_procs"),      # target >= 1.7
         "raw_two_threads_speedup": ratio("raw_1_thread", "raw_2_threads"),
         "cpu_seconds_2_procs_vs_1": round(best["prepare_2_procs"]["cpu"]
