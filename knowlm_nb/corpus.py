@@ -662,7 +662,7 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int | Non
         for batch in results:
             _collect(batch, writer, counts, problems, deduper, strict)
             if bar is not None:
-                bar.update(len(batch["docs"]))
+                bar.update(sum(d[2] is not None or d[3] is not None for d in batch["docs"]))
                 bar.set_postfix(samples=int(counts.chunking[samples_col]), refresh=False)
         if bar is not None:
             bar.close()
