@@ -519,9 +519,8 @@ def repeat_rate(model, tokenizer, names: list[str], batch_size: int = 32) -> flo
 
 def eval_examples(langs: Iterable[str] = ("en", "zh"), task: str = "NER",
                   data: Path = ROOT / "data_samples") -> list[dict]:
-    """The held-out IE examples of ``task`` (names never seen in training)."""
-    return [rec for lang in langs for _, rec in iter_jsonl(data / "ie" / f"eval_{lang}.jsonl")
-            if rec.get("task") == task]
+    """The held-out IE examples of ``task`` (names never seen in training), language by language."""
+    return [rec for lang in langs for rec in ie.eval_subset(task, lang, data=data)]
 
 
 def evaluate_ner(model, tokenizer, examples: list[dict], template: Template,

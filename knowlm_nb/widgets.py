@@ -63,12 +63,22 @@ class Models:
         self.merged = Path(merged) if merged else None
         self._loaded: dict[str, tuple] = {}
 
-    def tuned_source(self) -> str:
+    def tuned(self) -> tuple[str, Path] | None:
+        """Where ``base + LoRA`` comes from: ``("merged", folder)`` when that folder
+        holds a model, else ``("adapter", folder)`` when it holds an adapter, else None."""
         if self.merged and (self.merged / "config.json").is_file():
-            return f"04 merged model ({self.merged})"
+            return "merged", self.merged
         if self.adapter and (self.adapter / "adapter_config.json").is_file():
-            return f"00 base + 03 LoRA adapter ({self.adapter})"
-        return "missing"
+            return "adapter", self.adapter
+        return None
+
+    def tuned_source(self) -> str:
+        found = self.tuned()
+        if found is None:
+            return "missing"
+        kind, folder = found
+        return (f"04 merged model ({folder})" if kind == "merged"
+                else f"00 base + 03 LoRA adapter ({folder})")
 
     def available(self) -> list[str]:
         return list(MODEL_NAMES) if self.tuned_source() != "missing" else ["base"]
@@ -79,12 +89,14 @@ class Models:
             if name == "base":
                 self._loaded[name] = load_base(self.base)
             elif name == "base + LoRA":
-                if self.merged and (self.merged / "config.json").is_file():
-                    self._loaded[name] = load_base(self.merged)
-                elif self.adapter:
-                    self._loaded[name] = load_adapter(self.base, self.adapter)
-                else:
-                    raise ValueError("no tuned model: give a merged model or a LoRA adapter")
+                found = self.tuned()
+                if found is None:
+                    raise ValueError(f"no tuned model: neither a merged model (config.json) in "
+                                     f"{self.merged} nor a LoRA adapter (adapter_config.json) "
+                                     f"in {self.adapter}")
+                kind, folder = found
+                self._loaded[name] = (load_base(folder) if kind == "merged"
+                                      else load_adapter(self.base, folder))
             else:
                 raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
             self._loaded[name][1].eval()

@@ -152,9 +152,15 @@ def test_serve_command_is_an_argv_on_localhost_with_a_token(tmp_path):
 
 def test_models_reports_what_it_has(tmp_path):
     m = widgets.Models(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
-    assert m.tuned_source() == "missing" and m.available() == ["base"]
-    (tmp_path / "adapter").mkdir()
+    assert m.tuned_source() == "missing" and m.available() == ["base"] and m.tuned() is None
+    (tmp_path / "adapter").mkdir()                       # a folder without an adapter is not one
+    with pytest.raises(ValueError, match="no tuned model.*adapter_config.json"):
+        m.get("base + LoRA")
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     assert m.available() == list(widgets.MODEL_NAMES) and "LoRA adapter" in m.tuned_source()
+    assert m.tuned() == ("adapter", tmp_path / "adapter")
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text("{}")
+    assert m.tuned() == ("merged", tmp_path / "merged") and "merged" in m.tuned_source()
     with pytest.raises(ValueError, match="unknown model"):
         m.get("gpt")
