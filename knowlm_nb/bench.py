@@ -225,13 +225,11 @@ def prepare_vs_tokenizer(inputs, tokenizer_dir, max_len: int, times: int = 4,
     ``corpus.prepare`` (1 process, no dedup) against the raw batch tokenizer on
     the same raw documents (the JSONL ``inputs`` repeated ``times``).
 
-    A light, in-process version of ``bench chunking`` for a notebook. Tokenizer
-    threads are switched off meanwhile (``TOKENIZERS_PARALLELISM``, read by the
-    tokenizers library at every call) and restored after. Returns seconds and
-    ratios (``> 1``: prepare is faster than the raw call).
+    A light, in-process version of ``bench chunking`` for a notebook; tokenizer
+    threads are off meanwhile (:func:`chunking.one_tokenizer_thread`). Returns
+    seconds and ratios (``> 1``: prepare is faster than the raw call).
     """
     import json
-    import os
     import shutil
     import tempfile
 
@@ -239,8 +237,6 @@ def prepare_vs_tokenizer(inputs, tokenizer_dir, max_len: int, times: int = 4,
 
     backend = chunking.TokenizerFiles(tokenizer_dir).backend_tokenizer
     tmp = Path(tempfile.mkdtemp(prefix="prepare-vs-tokenizer-"))
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     def best(fn):
         times_s = []
@@ -259,18 +255,15 @@ def prepare_vs_tokenizer(inputs, tokenizer_dir, max_len: int, times: int = 4,
             (tmp / path.name).write_bytes(path.read_bytes() * times)
         texts = [json.loads(line)["text"] for path in sorted(tmp.glob("*.jsonl"))
                  for line in path.open(encoding="utf-8") if line.strip()]
-        seconds = {
-            "encode_batch": best(lambda: raw(backend.encode_batch)),
-            "encode_batch_fast": best(lambda: raw(backend.encode_batch_fast)),
-            "prepare": best(lambda: corpus.prepare(
-                [str(tmp / "*.jsonl")], tokenizer_dir, max_len, tmp / "out" / "ds", num_proc=1,
-                dedup=False, progress=False, weights="natural")),
-        }
+        with chunking.one_tokenizer_thread():
+            seconds = {
+                "encode_batch": best(lambda: raw(backend.encode_batch)),
+                "encode_batch_fast": best(lambda: raw(backend.encode_batch_fast)),
+                "prepare": best(lambda: corpus.prepare(
+                    [str(tmp / "*.jsonl")], tokenizer_dir, max_len, tmp / "out" / "ds",
+                    num_proc=1, dedup=False, progress=False, weights="natural")),
+            }
     finally:
-        if saved is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
         shutil.rmtree(tmp, ignore_errors=True)
     return {"documents": len(texts), "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "prepare_vs_encode_batch": round(seconds["encode_batch"] / seconds["prepare"], 3),

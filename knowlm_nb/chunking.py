@@ -28,7 +28,9 @@ sentence boundary, and the cost is the tokenizer's. :func:`greedy_cuts` and
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate, chain
 from pathlib import Path
@@ -105,6 +107,29 @@ def knowlm_spans(lengths: Sequence[int], max_len: int) -> list[tuple[int, int]]:
         spans.append((start, j))
         i = j
     return spans
+
+
+@contextmanager
+def one_tokenizer_thread(active: bool = True):
+    """Meanwhile, tokenizer calls in this process and in the processes it starts
+    run on one thread each (no-op when not ``active``).
+
+    Sets ``TOKENIZERS_PARALLELISM=false``, which the tokenizers library reads at
+    every call and child processes inherit, and restores what was there after:
+    ``num_proc`` processes on ``num_proc`` cores, not each with its own thread pool.
+    """
+    if not active:
+        yield
+        return
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 # ------------------------------------------------------------------ chunker

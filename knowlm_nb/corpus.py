@@ -454,9 +454,8 @@ def cleaned_sentences(inputs, dedup: bool = True) -> Iterator[tuple[Document, li
 # ------------------------------------------------------- per-document worker
 
 _worker: dict = {}
-# workers start by fork on Linux (no re-import: ~0.3 s less per worker); a forked
-# child never uses a thread pool the parent's tokenizer may have started (tokenizers
-# turns its parallelism off after a fork, and each worker tokenizes on one thread)
+# workers start by fork on Linux (no re-import: ~0.3 s less per worker); they tokenize
+# on one thread each (prepare sets TOKENIZERS_PARALLELISM=false for them and itself)
 _START = "fork" if sys.platform == "linux" else "spawn"
 
 
@@ -650,34 +649,36 @@ def prepare(inputs, tokenizer_dir, max_len: int, out_prefix, num_proc: int | Non
     deduper = Deduper() if dedup else None
     init = (str(tokenizer_dir), max_len, mode, min_len, dedup, np.dtype(dtype).name)
     pool = None
-    try:
-        batches = raw_batches(found, batch_docs)
-        if num_proc > 1:
-            # num_proc - 1 workers, and this process works too while it waits
-            pool = multiprocessing.get_context(_START).Pool(num_proc - 1, _init_worker, init)
-        _init_worker(*init)
-        results = _in_order(batches, pool, num_proc - 1)
-        bar = _progress(progress)
-        writer = indexed_dataset.IndexedDatasetWriter(parts, dtype)
-        for batch in results:
-            _collect(batch, writer, counts, problems, deduper, strict)
+    # with workers, every process tokenizes on one thread (no pool of threads each)
+    with chunking.one_tokenizer_thread(num_proc > 1):
+        try:
+            batches = raw_batches(found, batch_docs)
+            if num_proc > 1:
+                # num_proc - 1 workers, and this process works too while it waits
+                pool = multiprocessing.get_context(_START).Pool(num_proc - 1, _init_worker, init)
+            _init_worker(*init)
+            results = _in_order(batches, pool, num_proc - 1)
+            bar = _progress(progress)
+            writer = indexed_dataset.IndexedDatasetWriter(parts, dtype)
+            for batch in results:
+                _collect(batch, writer, counts, problems, deduper, strict)
+                if bar is not None:
+                    bar.update(sum(d[2] is not None or d[3] is not None for d in batch["docs"]))
+                    bar.set_postfix(samples=int(counts.chunking[samples_col]), refresh=False)
             if bar is not None:
-                bar.update(sum(d[2] is not None or d[3] is not None for d in batch["docs"]))
-                bar.set_postfix(samples=int(counts.chunking[samples_col]), refresh=False)
-        if bar is not None:
-            bar.close()
-        writer.close()
-        if not counts.doc_lang:
-            raise CorpusError(
-                f"empty corpus: no document of {len(found)} file(s) survived reading, cleaning "
-                f"and deduplication ({_drop_summary(counts.sources) or 'no documents at all'})")
-        blend = _write_blend(parts, counts.doc_lang, out_prefix, weights, num_samples, seed)
-    finally:
-        if pool is not None:
-            pool.terminate()
-        if writer is not None:
-            writer.abort()                 # a no-op for a writer already closed
-        shutil.rmtree(parts.parent, ignore_errors=True)
+                bar.close()
+            writer.close()
+            if not counts.doc_lang:
+                raise CorpusError(
+                    f"empty corpus: no document of {len(found)} file(s) survived reading, cleaning "
+                    f"and deduplication ({_drop_summary(counts.sources) or 'no documents at all'})")
+            blend = _write_blend(parts, counts.doc_lang, out_prefix, weights, num_samples, seed)
+        finally:
+            if pool is not None:
+                pool.terminate()
+            if writer is not None:
+                writer.abort()                 # a no-op for a writer already closed
+            shutil.rmtree(parts.parent, ignore_errors=True)
 
     stats = {
         "output": str(out_prefix),

@@ -301,3 +301,18 @@ def test_a_byte_table_that_does_not_add_up_falls_back_to_offsets(tokenizers_two_
     got = bad.tokenize(docs)
     assert bad._byte_len is None                            # it noticed, and used offsets
     assert [(i.tolist(), n) for i, n in got] == [(i.tolist(), n) for i, n in expect]
+
+
+def test_one_tokenizer_thread_sets_and_restores_the_variable(monkeypatch):
+    import os
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    with chunking.one_tokenizer_thread():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    with pytest.raises(RuntimeError):
+        with chunking.one_tokenizer_thread():
+            raise RuntimeError("boom")
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    with chunking.one_tokenizer_thread(active=False):
+        assert "TOKENIZERS_PARALLELISM" not in os.environ
