@@ -48,6 +48,26 @@ print(json.dumps({"wall": wall, "cpu": cpu, "rss_mb": rss, "tokens": s["tokens"]
 """
 
 
+def best_of(fn, repeats: int) -> float:
+    """The shortest wall time of ``repeats`` calls of ``fn``, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def corpus_times(inputs, k: int, folder: Path) -> Path:
+    """The JSONL files of ``inputs`` (globs), each repeated ``k`` times, written into ``folder``."""
+    from . import corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in corpus.input_files(inputs):
+        (folder / path.name).write_bytes(path.read_bytes() * k)
+    return folder
+
+
 def bench_chunking(argv: list[str]) -> dict:
     """01: the whole ``corpus prepare`` against the raw batch tokenizer, side by side.
 
@@ -86,14 +106,8 @@ def bench_chunking(argv: list[str]) -> dict:
         sample = files.find_files("data_samples/corpus/*.jsonl")
         tiny.train_tokenizer(tiny.iter_texts(sample)).save_pretrained(tok_dir)
 
-    def corpus_times(k: int) -> Path:
-        folder = tmp / f"x{k}"
-        folder.mkdir(exist_ok=True)
-        for path in sorted((ROOT / "data_samples" / "corpus").glob("*.jsonl")):
-            (folder / path.name).write_bytes(path.read_bytes() * k)
-        return folder
-
-    big = corpus_times(args.times)
+    sample = ["data_samples/corpus/*.jsonl"]
+    big = corpus_times(sample, args.times, tmp / f"x{args.times}")
     inputs = sorted(str(p) for p in big.glob("*.jsonl"))
 
     def run(code: str, argv: list[str], threads: int = 1) -> dict:
@@ -139,31 +153,23 @@ def bench_chunking(argv: list[str]) -> dict:
                for i in range(0, len(sentences), 32)]
     backend = chunking.TokenizerFiles(tok_dir).backend_tokenizer
 
-    def timed(fn, repeats=args.repeats):
-        best_s = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            best_s = min(best_s, time.perf_counter() - t)
-        return best_s
-
-    raw_s = timed(lambda: [backend.encode_batch_fast(b, add_special_tokens=False)
-                           for b, _ in batches])
+    raw_s = best_of(lambda: [backend.encode_batch_fast(b, add_special_tokens=False)
+                             for b, _ in batches], args.repeats)
     core = chunking.Chunker(tok, args.max_len)
-    core_s = timed(lambda: [core.chunk(s) for _, s in batches])
+    core_s = best_of(lambda: [core.chunk(s) for _, s in batches], args.repeats)
 
     # linear time on hostile input: a line without punctuation, 4x longer
     def line_cost(n):
         text = "abcdefghij" * (n // 10)
         c = chunking.Chunker(tok, 256)
-        return timed(lambda: c.chunk([corpus.split_sentences(text, "en")]), 3)
+        return best_of(lambda: c.chunk([corpus.split_sentences(text, "en")]), 3)
 
     line_ratio = line_cost(1_000_000) / line_cost(250_000)
 
     # peak RSS of a whole prepare (one process) on the corpus x1 and x10
     rss = {}
     for k in (1, 10):
-        folder = corpus_times(k)
+        folder = corpus_times(sample, k, tmp / f"x{k}")
         rss[k] = run(_PREPARE, [json.dumps({
             "inputs": [str(folder / "*.jsonl")], "tokenizer_dir": str(tok_dir),
             "max_len": args.max_len, "out_prefix": str(tmp / f"out{k}"), "dedup": False})])
@@ -238,30 +244,21 @@ def prepare_vs_tokenizer(inputs, tokenizer_dir, max_len: int, times: int = 4,
     backend = chunking.TokenizerFiles(tokenizer_dir).backend_tokenizer
     tmp = Path(tempfile.mkdtemp(prefix="prepare-vs-tokenizer-"))
 
-    def best(fn):
-        times_s = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times_s.append(time.perf_counter() - t)
-        return min(times_s)
-
     def raw(encode):
         for i in range(0, len(texts), 32):
             encode(texts[i:i + 32], add_special_tokens=False)
 
     try:
-        for path in corpus.input_files(inputs):
-            (tmp / path.name).write_bytes(path.read_bytes() * times)
+        corpus_times(inputs, times, tmp)
         texts = [json.loads(line)["text"] for path in sorted(tmp.glob("*.jsonl"))
                  for line in path.open(encoding="utf-8") if line.strip()]
         with chunking.one_tokenizer_thread():
             seconds = {
-                "encode_batch": best(lambda: raw(backend.encode_batch)),
-                "encode_batch_fast": best(lambda: raw(backend.encode_batch_fast)),
-                "prepare": best(lambda: corpus.prepare(
+                "encode_batch": best_of(lambda: raw(backend.encode_batch), repeats),
+                "encode_batch_fast": best_of(lambda: raw(backend.encode_batch_fast), repeats),
+                "prepare": best_of(lambda: corpus.prepare(
                     [str(tmp / "*.jsonl")], tokenizer_dir, max_len, tmp / "out" / "ds",
-                    num_proc=1, dedup=False, progress=False, weights="natural")),
+                    num_proc=1, dedup=False, progress=False, weights="natural"), repeats),
             }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -321,7 +321,6 @@ class Chunker:
             return [], []
         self.work.update(calls=1, strings=len(segments), chars=sum(map(len, segments)))
         self.work["longest"] = max(self.work["longest"], max(map(len, segments)))
-        flat_ends = np.fromiter(chain.from_iterable(ends), dtype=np.int64)
         n_ends = [len(e) for e in ends]
         if self._byte_len is not None:
             # byte-level BPE: every token is a run of the text's UTF-8 bytes, so the
@@ -342,6 +341,7 @@ class Chunker:
                                                zip(segments, ends)])
             seg_start = np.repeat(seg_end - seg_len, n_ends)
             tok_start = np.repeat(np.cumsum(counts) - counts, n_ends)
+            flat_ends = np.fromiter(chain.from_iterable(ends), dtype=np.int64)
             bounds = np.searchsorted(tok_end, seg_start + flat_ends, side="right") - tok_start
         else:
             # any other fast tokenizer: the character offsets of every token
